@@ -1,0 +1,27 @@
+"""tbfunc: turn any PyTorch model into a Bayesian neural network, functionally.
+
+Bayes-by-Backprop (mean-field Gaussian variational inference) on ``torch.func``: a posterior is
+a pytree of ``(mu, rho)`` tensors, sampling is a pure function of those tensors and an explicit
+key, ``functional_call`` runs the unchanged model with sampled weights, and ``vmap`` batches the
+Monte-Carlo samples.
+"""
+
+from tbfunc import random
+from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
+from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, VariationalPosterior
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GaussianPosterior",
+    "PretrainedGaussianPosterior",
+    "VariationalPosterior",
+    "__version__",
+    "choose_strategy",
+    "from_module",
+    "functional_call",
+    "mean",
+    "predict",
+    "random",
+    "sample",
+]

@@ -1,0 +1,73 @@
+"""Boundary validation with one wording for every error tbfunc raises.
+
+Every message reads ``<argument> must be <expected>, got <received>.`` followed by an optional
+hint on how to fix it, so users (and tests) can rely on the form.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NoReturn
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_key",
+    "check_optional_positive_int",
+    "check_positive_int",
+    "check_tensor",
+    "describe",
+    "fail",
+]
+
+
+def describe(value: Any) -> str:
+    """A short description of what the user passed, for error messages."""
+    if isinstance(value, Tensor):
+        shape = tuple(value.shape)
+        return f"a tensor of shape {shape}, dtype {value.dtype} on {value.device.type}"
+    if isinstance(value, bool | int | float | str):
+        return f"{type(value).__name__} {value!r}"
+    return f"an object of type {type(value).__name__}"
+
+
+def fail(arg: str, expected: str, value: Any, hint: str = "", error: type = ValueError) -> NoReturn:
+    """Raise ``error`` with the uniform wording; ``value`` is described, not dumped."""
+    message = f"{arg} must be {expected}, got {describe(value)}."
+    raise error(f"{message} {hint}".strip())
+
+
+def check_key(key: Any, arg: str = "key") -> Tensor:
+    """A key is an int64 tensor of logical shape (2,) on the CPU (see ``tb.random.key``)."""
+    if not isinstance(key, Tensor):
+        fail(arg, "a key tensor", key, "Make one with tb.random.key(seed).", TypeError)
+    if key.dtype != torch.int64 or key.shape != (2,):
+        fail(arg, "an int64 tensor of shape (2,)", key, "Make one with tb.random.key(seed).")
+    return key
+
+
+def check_positive_int(value: Any, arg: str) -> int:
+    """An int >= 1 (bools are rejected: ``True`` is not a sample count)."""
+    if isinstance(value, bool):
+        fail(arg, "a positive int", value, error=TypeError)
+    try:
+        number = operator.index(value)
+    except TypeError:
+        fail(arg, "a positive int", value, error=TypeError)
+    if number < 1:
+        fail(arg, "a positive int (>= 1)", value)
+    return number
+
+
+def check_optional_positive_int(value: Any, arg: str) -> int | None:
+    return None if value is None else check_positive_int(value, arg)
+
+
+def check_tensor(value: Any, arg: str, *, floating: bool = True) -> Tensor:
+    """A tensor (an ``nn.Parameter`` counts), floating point unless ``floating=False``."""
+    if not isinstance(value, Tensor):
+        fail(arg, "a floating-point tensor", value, error=TypeError)
+    if floating and not value.is_floating_point():
+        fail(arg, "a floating-point tensor", value, "Convert it with .float() first.", TypeError)
+    return value

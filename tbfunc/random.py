@@ -1,0 +1,243 @@
+"""Keys and noise: the only place tbfunc makes randomness.
+
+A key is an ``int64`` tensor of shape ``(2,)`` holding two 32-bit words, on the CPU. Keys are
+derived with Threefry-2x32 (20 rounds; Salmon et al. 2011, "Parallel random numbers: as easy as
+1, 2, 3"), computed with plain ``int64`` tensor ops masked to 32 bits, so ``split`` and
+``fold_in`` work under ``vmap``, ``grad`` and ``torch.compile`` and match JAX's default
+(``threefry_partitionable``) keys bit for bit.
+
+Bulk noise is drawn by seeding the target device's native generator from the key inside the
+custom op ``tbfunc::normal``, which has a vmap rule (one segment per key) and a fake kernel, so
+transforms and the compiler see an ordinary op. The global RNG is never read nor advanced.
+
+Seeding: on CUDA (Philox) the seed is the full 64-bit key. PyTorch's CPU Mersenne Twister only
+takes a 32-bit seed, so on the CPU a key selects one of 2**32 streams through a bijective mix of
+both words: two distinct keys share a stream with probability 2**-32.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from tbfunc._checks import check_key, check_positive_int, fail
+
+__all__ = ["fold_in", "key", "normal", "split"]
+
+_MASK = 0xFFFFFFFF
+_PARITY = 0x1BD11BDA  # Threefry's key-schedule constant.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_GOLDEN = 0x9E3779B1  # odd, so multiplying by it is a bijection on 32-bit words
+
+
+def key(seed: int) -> Tensor:
+    """A new key from an integer seed: ``[seed >> 32, seed & 0xFFFFFFFF]`` (as ``jax.random.key``).
+
+    Args:
+        seed: any Python int in ``[-2**63, 2**64)``; negative seeds are taken modulo ``2**64``.
+
+    Returns:
+        An ``int64`` tensor of shape ``(2,)`` on the CPU.
+
+    Example:
+        >>> import tbfunc as tb
+        >>> tb.random.key(42).tolist()
+        [0, 42]
+    """
+    value = _as_int(seed, "seed")
+    if not -(2**63) <= value < 2**64:
+        fail("seed", "an int in [-2**63, 2**64)", seed)
+    value %= 2**64
+    return torch.tensor([value >> 32, value & _MASK], dtype=torch.int64)
+
+
+def split(key: Tensor, num: int = 2) -> Tensor:
+    """``num`` new keys: ``split(key, num)[i] = threefry2x32(key, (0, i))``.
+
+    Args:
+        key: a key from ``key``, ``split`` or ``fold_in``.
+        num: how many keys to make (>= 1).
+
+    Returns:
+        An ``int64`` tensor of shape ``(num, 2)``.
+    """
+    check_key(key)
+    num = check_positive_int(num, "num")
+    return _split(key, num)
+
+
+def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
+    """A new key from a key and an integer: ``threefry2x32(key, (data >> 32, data & 0xFFFFFFFF))``.
+
+    Use it to derive one key per loop index or per name without a ``split``.
+
+    Args:
+        key: a key.
+        data: a Python int in ``[-2**63, 2**64)`` or an integer tensor of shape ``()``.
+
+    Returns:
+        A key (``int64`` tensor of shape ``(2,)``).
+    """
+    check_key(key)
+    if isinstance(data, Tensor):
+        if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+            fail("data", "an integer tensor", data, error=TypeError)
+        if data.shape != ():
+            fail("data", "a tensor of shape ()", data)
+        word = data.to(torch.int64)
+    else:
+        value = _as_int(data, "data")
+        if not -(2**63) <= value < 2**64:
+            fail("data", "an int in [-2**63, 2**64)", data)
+        word = torch.tensor(value - 2**64 if value >= 2**63 else value, dtype=torch.int64)
+    return _fold_in(key, word)
+
+
+def normal(
+    key: Tensor,
+    shape: int | Sequence[int],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Standard normal noise of ``shape``, a deterministic function of ``key``.
+
+    The same key gives bit-identical noise on the same device type; ``vmap`` over keys equals
+    the loop over them. Drawn by the device's native generator seeded from the key.
+
+    Args:
+        key: a key.
+        shape: the output shape.
+        dtype: a floating dtype (default: ``torch.get_default_dtype()``).
+        device: where to draw (default: ``torch.get_default_device()``).
+
+    Returns:
+        A tensor of ``shape`` with i.i.d. N(0, 1) entries.
+    """
+    check_key(key)
+    dims = _as_shape(shape)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        fail("dtype", "a floating-point torch.dtype", dtype, error=TypeError)
+    device = torch.device(torch.get_default_device() if device is None else device)
+    numel = 1
+    for size in dims:
+        numel *= size
+    return normal_segments(key[None], [numel], dtype, device).view(dims)
+
+
+def normal_segments(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One flat buffer of noise whose ``t``-th segment of ``numels[t]`` draws is keyed by ``keys[t]``.
+
+    Segment ``t`` equals ``normal(keys[t], (numels[t],))`` bit for bit, so a whole model's noise
+    is drawn in one op call. Internal: no argument checks.
+    """
+    return torch.ops.tbfunc.normal(keys, numels, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Threefry-2x32 on int64 tensors.
+
+
+def _threefry2x32(k0: Tensor, k1: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
+    """Threefry-2x32, 20 rounds, on broadcastable int64 tensors holding 32-bit words.
+
+    int64 arithmetic masked to 32 bits stands in for uint32, which PyTorch lacks arithmetic for;
+    a left shift of a 32-bit word by <= 29 cannot overflow int64.
+    """
+    schedule = (k0, k1, k0 ^ k1 ^ _PARITY)
+    x0 = (x0 + k0) & _MASK
+    x1 = (x1 + k1) & _MASK
+    for block in range(5):
+        for r in _ROTATIONS[block % 2]:
+            x0 = (x0 + x1) & _MASK
+            x1 = (((x1 << r) | (x1 >> (32 - r))) & _MASK) ^ x0
+        x0 = (x0 + schedule[(block + 1) % 3]) & _MASK
+        x1 = (x1 + schedule[(block + 2) % 3] + block + 1) & _MASK
+    return x0, x1
+
+
+def _split(keys: Tensor, num: int) -> Tensor:
+    """keys ``(..., 2)`` -> ``(..., num, 2)``; no checks."""
+    counter = torch.arange(num, dtype=torch.int64, device=keys.device)
+    x0, x1 = _threefry2x32(keys[..., 0:1], keys[..., 1:2], torch.zeros_like(counter), counter)
+    return torch.stack((x0, x1), dim=-1)
+
+
+def _fold_in(keys: Tensor, data: Tensor) -> Tensor:
+    """keys ``(..., 2)`` and int64 data broadcastable against ``keys[..., 0]``; no checks."""
+    x0, x1 = _threefry2x32(keys[..., 0], keys[..., 1], (data >> 32) & _MASK, data & _MASK)
+    return torch.stack((x0, x1), dim=-1)
+
+
+def _as_int(value: object, arg: str) -> int:
+    if isinstance(value, bool):
+        fail(arg, "an int", value, error=TypeError)
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        fail(arg, "an int", value, error=TypeError)
+
+
+def _as_shape(shape: int | Sequence[int]) -> list[int]:
+    dims = [shape] if not isinstance(shape, Sequence) else list(shape)
+    try:
+        sizes = [operator.index(size) for size in dims if not isinstance(size, bool)]
+    except TypeError:
+        sizes = []
+    if len(sizes) != len(dims) or any(size < 0 for size in sizes):
+        fail("shape", "an int or a sequence of non-negative ints", shape, error=TypeError)
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# The noise op. One op call draws every segment; the vmap rule folds the vmapped key axis into
+# the segment list, so vmap over keys equals the loop without a Python loop per batch element.
+
+_generators = threading.local()
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    """One reusable generator per thread and device; it is reseeded before every segment."""
+    cache = _generators.__dict__.setdefault("by_device", {})
+    if device not in cache:
+        cache[device] = torch.Generator(device=device)
+    return cache[device]
+
+
+def _seed(word0: int, word1: int, device: torch.device) -> int:
+    if device.type == "cpu":
+        # The CPU Mersenne Twister keeps only the low 32 bits of a seed: mix both words in.
+        return ((word0 * _GOLDEN) & _MASK) ^ word1
+    return (word0 << 32) | word1
+
+
+@torch.library.custom_op("tbfunc::normal", mutates_args=())
+def _normal_op(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty(sum(numels), dtype=dtype, device=device)
+    generator = _generator(out.device)
+    offset = 0
+    for (word0, word1), count in zip(keys.tolist(), numels, strict=True):
+        generator.manual_seed(_seed(word0, word1, out.device))
+        out[offset : offset + count].normal_(generator=generator)
+        offset += count
+    return out
+
+
+@_normal_op.register_fake
+def _(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(sum(numels), dtype=dtype, device=device)
+
+
+@_normal_op.register_vmap
+def _(info, in_dims, keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device):
+    keys_dim = in_dims[0]
+    batch = keys.movedim(keys_dim, 0)
+    size = batch.shape[0]
+    flat = torch.ops.tbfunc.normal(batch.reshape(-1, 2), numels * size, dtype, device)
+    return flat.view(size, -1), 0
+
