@@ -8,6 +8,7 @@ in one op call and ``mu + sigma * eps`` is fused into the noise buffer where aut
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import optree
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
@@ -71,22 +73,31 @@ def from_module(
     if not isinstance(module, nn.Module):
         fail("module", "an nn.Module", module, error=TypeError)
     if not (isinstance(posterior, type) and is_posterior_type(posterior)):
-        fail("posterior", "a posterior family such as tb.PretrainedGaussianPosterior", posterior,
-             error=TypeError)
-    params = {n: p for n, p in module.named_parameters() if p.is_floating_point()}
+        fail(
+            "posterior",
+            "a posterior family such as tb.PretrainedGaussianPosterior",
+            posterior,
+            error=TypeError,
+        )
+    family: Any = posterior
+    params: dict[str, Tensor] = {
+        n: p for n, p in module.named_parameters() if p.is_floating_point()
+    }
     chosen = _select(params, include, "include", keep_if_none=True)
     dropped = _select(params, exclude, "exclude", keep_if_none=False)
     names = [n for n in params if n in chosen and n not in dropped]
-    takes_key = "key" in inspect.signature(posterior.from_param).parameters
+    takes_key = "key" in inspect.signature(family.from_param).parameters
     if takes_key and key is None:
-        raise ValueError(f"key must be given: {posterior.__name__}.from_param draws at random. "
-                         "Pass key=tb.random.key(seed).")
+        raise ValueError(
+            f"key must be given: {family.__name__}.from_param draws at random. "
+            "Pass key=tb.random.key(seed)."
+        )
     if not takes_key and key is not None:
-        raise ValueError(f"key must be None: {posterior.__name__}.from_param takes no key.")
-    if takes_key:
+        raise ValueError(f"key must be None: {family.__name__}.from_param takes no key.")
+    if key is not None:
         check_key(key)
-        return {n: posterior.from_param(params[n], key=_path_key(key, n), **kwargs) for n in names}
-    return {n: posterior.from_param(params[n], **kwargs) for n in names}
+        return {n: family.from_param(params[n], key=_path_key(key, n), **kwargs) for n in names}
+    return {n: family.from_param(params[n], **kwargs) for n in names}
 
 
 def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> Any:
@@ -110,8 +121,9 @@ def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> An
 
 def mean(posterior: Any) -> Any:
     """The tree with each posterior node replaced by its ``mu``: the "mean weights"."""
-    return optree.tree_map(lambda node: node.mu if is_posterior(node) else node, posterior,
-                           is_leaf=is_posterior)
+    return optree.tree_map(
+        lambda node: node.mu if is_posterior(node) else node, posterior, is_leaf=is_posterior
+    )
 
 
 def functional_call(
@@ -187,7 +199,7 @@ def predict(
 
 def choose_strategy(module: nn.Module, posterior: dict[str, Any]) -> Literal["vmap", "loop"]:
     """The strategy ``predict(strategy="auto")`` uses for this module and posterior."""
-    leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)
+    leaves: list[Any] = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     on_cpu = all(_device_of(leaf).type == "cpu" for leaf in leaves)
     if not on_cpu:
         return "vmap"
@@ -227,16 +239,17 @@ def _sample_many(tree: Any, keys: Tensor) -> Any:
         elif isinstance(leaf, Tensor):
             drawn[index] = leaf.expand(count, *leaf.shape)
         else:
-            fail(f"posterior leaf {names[index]!r}", "a posterior node or a tensor", leaf,
-                 error=TypeError)
+            fail(
+                f"posterior leaf {names[index]!r}",
+                "a posterior node or a tensor",
+                leaf,
+                error=TypeError,
+            )
     for (dtype, device), members in groups.items():
-        numels = [leaves[i].mu.numel() for i in members for _ in range(count)]
-        member_keys = leaf_keys[members].reshape(-1, 2)
-        eps = random.normal_segments(member_keys, numels, dtype, device)
-        sizes = [leaves[i].mu.numel() * count for i in members]
-        for i, chunk in zip(members, eps.split(sizes), strict=True):
-            node = leaves[i]
-            drawn[i] = _affine(node.mu, node.sigma, chunk.view(count, *node.mu.shape))
+        nodes = [leaves[i] for i in members]
+        draws = _draw_gaussians(nodes, leaf_keys[members].reshape(-1, 2), count, dtype, device)
+        for i, value in zip(members, draws, strict=True):
+            drawn[i] = value
     return optree.tree_unflatten(spec, drawn)
 
 
@@ -251,16 +264,40 @@ def _leaf_keys(names: list[str], paths: list[tuple[Any, ...]], keys: Tensor) -> 
     return random._fold_in(keys[None, :, :], data)
 
 
-def _affine(mu: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
-    """``mu + sigma * eps``, written into ``eps`` when no gradient or transform needs it.
+def _draw_gaussians(
+    nodes: list[Any], keys: Tensor, count: int, dtype: torch.dtype, device: torch.device
+) -> list[Tensor]:
+    """``mu + sigma * eps`` with a leading axis ``count`` for each node; noise segment ``(l, s)``
+    is keyed by ``keys[l * count + s]``.
 
-    Writing in place saves allocating and first-touching an S x P buffer, about a third of the
-    cost of a draw on the CPU. Under autograd, ``torch.func`` transforms or ``torch.compile``
-    the out-of-place op is used (inductor fuses it anyway).
+    Plain eager code with nothing to differentiate writes ``mu + sigma * eps`` into each noise
+    segment right after drawing it, while it is in cache, and draws on every CPU thread; this
+    saves allocating and re-reading an S x P buffer. Under autograd, ``torch.func`` transforms
+    or ``torch.compile`` the noise comes from the ``tbfunc::normal`` op and the affine map is
+    out of place (inductor fuses it). Both give the same bits.
     """
-    if torch.compiler.is_compiling() or _tracked(mu, sigma, eps):
-        return torch.addcmul(mu, sigma, eps)
-    return torch.addcmul(mu, sigma, eps, out=eps)
+    numels = [node.mu.numel() for node in nodes for _ in range(count)]
+    sizes = [node.mu.numel() * count for node in nodes]
+    sigmas = [node.sigma for node in nodes]
+    if torch.compiler.is_compiling() or _tracked(keys, *(node.mu for node in nodes), *sigmas):
+        eps = random.normal_segments(keys, numels, dtype, device).split(sizes)
+        return [
+            torch.addcmul(node.mu, sigma, noise.view(count, *node.mu.shape))
+            for node, sigma, noise in zip(nodes, sigmas, eps, strict=True)
+        ]
+    mus = [node.mu.reshape(-1) for node in nodes]
+    flat_sigmas = [sigma.reshape(-1) for sigma in sigmas]
+
+    def finish(index: int, segment: Tensor) -> None:
+        leaf = index // count
+        torch.addcmul(mus[leaf], flat_sigmas[leaf], segment, out=segment)
+
+    out = torch.empty(sum(sizes), dtype=dtype, device=device)
+    random.fill_normal_(out, keys.tolist(), numels, finish)
+    return [
+        chunk.view(count, *node.mu.shape)
+        for node, chunk in zip(nodes, out.split(sizes), strict=True)
+    ]
 
 
 def _tracked(*tensors: Tensor) -> bool:
@@ -293,20 +330,28 @@ def _vmapped_forward(module: nn.Module, weights: Any, args: Any, kwargs: Any) ->
     def forward(params: Any) -> Any:
         return torch.func.functional_call(module, params, args, kwargs)
 
+    # The fused transformer-layer kernel, and on the CPU the flash-attention kernel, have no
+    # batching rule: vmap would run them in a slow per-sample fallback. Their unfused versions
+    # batch properly, so select those while vmapping.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    on_cpu = all(w.device.type == "cpu" for w in optree.tree_leaves(weights))
     try:
-        return torch.func.vmap(forward)(weights)
+        with sdpa_kernel([SDPBackend.MATH]) if on_cpu else contextlib.nullcontext():
+            return torch.func.vmap(forward)(weights)
     except RuntimeError as error:
         raise RuntimeError(
             f"predict(strategy='vmap') failed inside torch.func.vmap: {error} "
             "Use strategy='loop' for modules whose forward vmap cannot batch."
         ) from error
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _looped_forward(module: nn.Module, weights: Any, args: Any, kwargs: Any) -> Any:
     count = optree.tree_leaves(weights)[0].shape[0]
     outputs = [
-        torch.func.functional_call(module, optree.tree_map(lambda w: w[i], weights), args, kwargs)
-        for i in range(count)
+        torch.func.functional_call(module, _index(weights, i), args, kwargs) for i in range(count)
     ]
     return optree.tree_map(lambda *parts: torch.stack(parts), *outputs)
 
@@ -320,9 +365,14 @@ def _check_matches(module: nn.Module, posterior: Any) -> None:
     if not isinstance(module, nn.Module):
         fail("module", "an nn.Module", module, error=TypeError)
     if not isinstance(posterior, dict):
-        fail("posterior", "a dict of parameter name -> posterior node", posterior,
-             "Build one with tb.from_module(module).", TypeError)
-    tensors = dict(module.named_parameters(remove_duplicate=False))
+        fail(
+            "posterior",
+            "a dict of parameter name -> posterior node",
+            posterior,
+            "Build one with tb.from_module(module).",
+            TypeError,
+        )
+    tensors: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     for name, node in posterior.items():
         if name not in tensors:
@@ -360,8 +410,9 @@ def _check_eval_mode(module: nn.Module) -> None:
             )
 
 
-def _select(params: dict[str, Tensor], selector: Selector, arg: str, *, keep_if_none: bool
-            ) -> set[str]:
+def _select(
+    params: dict[str, Tensor], selector: Selector, arg: str, *, keep_if_none: bool
+) -> set[str]:
     if selector is None:
         return set(params) if keep_if_none else set()
     if callable(selector):
@@ -386,6 +437,10 @@ def _as_patterns(selector: Iterable[Any], arg: str) -> Iterable[str]:
         if not isinstance(pattern, str):
             fail(arg, "a glob string, a list of them or a predicate", selector, error=TypeError)
         yield pattern
+
+
+def _index(weights: Any, i: int) -> Any:
+    return optree.tree_map(lambda w: w[i], weights)
 
 
 def _device_of(leaf: Any) -> torch.device:

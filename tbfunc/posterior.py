@@ -46,27 +46,6 @@ class VariationalPosterior(Protocol):
     def sample(self, key: Tensor) -> Tensor: ...
 
 
-# The members both Gaussian families share. NamedTuples take no mixins, so the classes bind these.
-
-
-def _sigma(self: GaussianPosterior | PretrainedGaussianPosterior) -> Tensor:
-    """``softplus(rho)``: positive for every finite ``rho`` and linear for large ``rho``."""
-    return F.softplus(self.rho)
-
-
-def _distribution(self: GaussianPosterior | PretrainedGaussianPosterior) -> Normal:
-    """``torch.distributions.Normal(mu, sigma)``."""
-    return Normal(self.mu, _sigma(self))
-
-
-def _sample(self: GaussianPosterior | PretrainedGaussianPosterior, key: Tensor) -> Tensor:
-    """``mu + sigma * eps`` with ``eps = tb.random.normal(key, mu.shape)``: the
-    reparametrisation trick, differentiable in ``mu`` and ``rho``."""
-    check_key(key)
-    eps = random.normal(key, self.mu.shape, dtype=self.mu.dtype, device=self.mu.device)
-    return torch.addcmul(self.mu, _sigma(self), eps)
-
-
 class GaussianPosterior(NamedTuple):
     """N(mu, softplus(rho)**2) element-wise, with ``mu`` initialised at random (a model trained
     from scratch)."""
@@ -98,9 +77,19 @@ class GaussianPosterior(NamedTuple):
         noise = random.normal(key, param.shape, dtype=param.dtype, device=param.device)
         return cls(noise * mu_std, _fill_rho(param, rho))
 
-    sigma = property(_sigma)
-    distribution = property(_distribution)
-    sample = _sample
+    @property
+    def sigma(self) -> Tensor:
+        """``softplus(rho)``: positive for every finite ``rho``, linear for large ``rho``."""
+        return F.softplus(self.rho)
+
+    @property
+    def distribution(self) -> Normal:
+        """``torch.distributions.Normal(mu, sigma)``."""
+        return Normal(self.mu, self.sigma)
+
+    def sample(self, key: Tensor) -> Tensor:
+        """``mu + sigma * eps``, ``eps = tb.random.normal(key, mu.shape)`` (reparametrised)."""
+        return _reparametrized(self.mu, self.sigma, key)
 
     def reset_parameters(
         self, *, key: Tensor, rho: float | Tensor = DEFAULT_RHO, mu_std: float = DEFAULT_MU_STD
@@ -141,9 +130,19 @@ class PretrainedGaussianPosterior(NamedTuple):
         mu = param.detach().clone()
         return cls(mu, _initial_rho(mu, rho, sigma, sigma_scale, sigma_floor))
 
-    sigma = property(_sigma)
-    distribution = property(_distribution)
-    sample = _sample
+    @property
+    def sigma(self) -> Tensor:
+        """``softplus(rho)``: positive for every finite ``rho``, linear for large ``rho``."""
+        return F.softplus(self.rho)
+
+    @property
+    def distribution(self) -> Normal:
+        """``torch.distributions.Normal(mu, sigma)``."""
+        return Normal(self.mu, self.sigma)
+
+    def sample(self, key: Tensor) -> Tensor:
+        """``mu + sigma * eps``, ``eps = tb.random.normal(key, mu.shape)`` (reparametrised)."""
+        return _reparametrized(self.mu, self.sigma, key)
 
     def reset_parameters(
         self,
@@ -179,6 +178,13 @@ def is_posterior_type(kind: type) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def _reparametrized(mu: Tensor, sigma: Tensor, key: Tensor) -> Tensor:
+    """``mu + sigma * eps``: differentiable in ``mu`` and ``sigma`` (Kingma & Welling 2014)."""
+    check_key(key)
+    eps = random.normal(key, mu.shape, dtype=mu.dtype, device=mu.device)
+    return torch.addcmul(mu, sigma, eps)
+
+
 def _initial_rho(
     mu: Tensor,
     rho: float | Tensor | None,
@@ -186,8 +192,11 @@ def _initial_rho(
     sigma_scale: float | None,
     sigma_floor: float,
 ) -> Tensor:
-    given = [name for name, v in (("rho", rho), ("sigma", sigma), ("sigma_scale", sigma_scale))
-             if v is not None]
+    given = [
+        name
+        for name, v in (("rho", rho), ("sigma", sigma), ("sigma_scale", sigma_scale))
+        if v is not None
+    ]
     if len(given) > 1:
         raise ValueError(f"give at most one of rho, sigma and sigma_scale, got {', '.join(given)}.")
     if sigma is not None:
@@ -221,8 +230,9 @@ def _broadcast(like: Tensor, value: float | Tensor, arg: str) -> Tensor:
         value = value.detach()
     elif isinstance(value, bool) or not isinstance(value, int | float):
         fail(arg, "a float or a tensor", value, error=TypeError)
-    return torch.empty_like(like).copy_(torch.as_tensor(value, dtype=like.dtype, device=like.device)
-                                        .expand(like.shape))
+    return torch.empty_like(like).copy_(
+        torch.as_tensor(value, dtype=like.dtype, device=like.device).expand(like.shape)
+    )
 
 
 def _rho_from_sigma(sigma: Tensor, arg: str) -> Tensor:
@@ -233,4 +243,3 @@ def _rho_from_sigma(sigma: Tensor, arg: str) -> Tensor:
     # float32 so bfloat16 parameters get an accurate rho.
     wide = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
     return (wide + torch.log(-torch.expm1(-wide))).to(sigma.dtype)
-

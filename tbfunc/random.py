@@ -17,9 +17,12 @@ both words: two distinct keys share a stream with probability 2**-32.
 
 from __future__ import annotations
 
+import itertools
 import operator
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -123,15 +126,18 @@ def normal(
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         fail("dtype", "a floating-point torch.dtype", dtype, error=TypeError)
-    device = torch.device(torch.get_default_device() if device is None else device)
+    # torch.empty(0).device is the default device, and unlike get_default_device() dynamo traces it.
+    device = torch.empty(0).device if device is None else torch.device(device)
     numel = 1
     for size in dims:
         numel *= size
     return normal_segments(key[None], [numel], dtype, device).view(dims)
 
 
-def normal_segments(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """One flat buffer of noise whose ``t``-th segment of ``numels[t]`` draws is keyed by ``keys[t]``.
+def normal_segments(
+    keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Flat noise whose ``t``-th segment, ``numels[t]`` draws long, is keyed by ``keys[t]``.
 
     Segment ``t`` equals ``normal(keys[t], (numels[t],))`` bit for bit, so a whole model's noise
     is drawn in one op call. Internal: no argument checks.
@@ -199,6 +205,64 @@ def _as_shape(shape: int | Sequence[int]) -> list[int]:
 # the segment list, so vmap over keys equals the loop without a Python loop per batch element.
 
 _generators = threading.local()
+_PARALLEL_MIN_NUMEL = 1 << 18  # below this, handing work to threads costs more than it saves
+_pool: ThreadPoolExecutor | None = None
+
+
+def fill_normal_(
+    out: Tensor,
+    keys: list[list[int]],
+    numels: list[int],
+    finish: Callable[[int, Tensor], object] | None = None,
+) -> Tensor:
+    """Fill the flat ``out`` with segments of N(0, 1) noise, segment ``t`` keyed by ``keys[t]``.
+
+    ``finish(t, segment)``, if given, runs right after segment ``t`` is drawn, while it is still
+    in cache (``module.sample`` writes ``mu + sigma * eps`` there). On the CPU, large fills are
+    split into contiguous runs of segments drawn on ``torch.get_num_threads()`` threads: each
+    segment has its own seed, so the result does not depend on the split, and PyTorch's
+    generator is single-threaded, so this is where the CPU's other cores help. Internal.
+    """
+    offsets = [0]
+    for count in numels:
+        offsets.append(offsets[-1] + count)
+    jobs = list(zip(range(len(numels)), keys, offsets, numels, strict=False))
+    workers = min(torch.get_num_threads(), len(jobs))
+    if out.device.type != "cpu" or workers < 2 or offsets[-1] < _PARALLEL_MIN_NUMEL:
+        _fill_run(out, jobs, finish)
+        return out
+    bounds = [0]
+    for part in range(1, workers):
+        target = offsets[-1] * part // workers
+        bounds.append(max(bounds[-1], next(i for i, o in enumerate(offsets) if o >= target)))
+    bounds.append(len(jobs))
+    runs = [jobs[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    futures = [_thread_pool().submit(_fill_run, out, run, finish) for run in runs[1:]]
+    _fill_run(out, runs[0], finish)
+    for future in futures:
+        future.result()
+    return out
+
+
+def _fill_run(
+    out: Tensor,
+    jobs: list[tuple[int, list[int], int, int]],
+    finish: Callable[[int, Tensor], object] | None,
+) -> None:
+    generator = _generator(out.device)
+    for index, (word0, word1), offset, count in jobs:
+        segment = out[offset : offset + count]
+        generator.manual_seed(_seed(word0, word1, out.device))
+        segment.normal_(generator=generator)
+        if finish is not None:
+            finish(index, segment)
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="tbfunc")
+    return _pool
 
 
 def _generator(device: torch.device) -> torch.Generator:
@@ -219,13 +283,7 @@ def _seed(word0: int, word1: int, device: torch.device) -> int:
 @torch.library.custom_op("tbfunc::normal", mutates_args=())
 def _normal_op(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     out = torch.empty(sum(numels), dtype=dtype, device=device)
-    generator = _generator(out.device)
-    offset = 0
-    for (word0, word1), count in zip(keys.tolist(), numels, strict=True):
-        generator.manual_seed(_seed(word0, word1, out.device))
-        out[offset : offset + count].normal_(generator=generator)
-        offset += count
-    return out
+    return fill_normal_(out, keys.tolist(), numels)
 
 
 @_normal_op.register_fake
@@ -240,4 +298,3 @@ def _(info, in_dims, keys: Tensor, numels: list[int], dtype: torch.dtype, device
     size = batch.shape[0]
     flat = torch.ops.tbfunc.normal(batch.reshape(-1, 2), numels * size, dtype, device)
     return flat.view(size, -1), 0
-

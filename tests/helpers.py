@@ -1,0 +1,37 @@
+"""Helpers shared by the tests: seeded modules and data that leave the global RNG alone."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import tbfunc as tb
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def seeded(build, seed: int = 0):
+    """Build a module with its default init drawn from a forked, seeded RNG (global RNG intact)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def data(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Test inputs drawn with a tbfunc key, not the global RNG."""
+    return tb.random.normal(tb.random.key(seed), shape, dtype=dtype)
+
+
+def mlp(sizes=(5, 16, 3), seed: int = 0) -> nn.Module:
+    def build() -> nn.Module:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+            layers.append(nn.Linear(a, b))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        return nn.Sequential(*layers)
+
+    return seeded(build, seed).eval()
