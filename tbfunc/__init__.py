@@ -7,21 +7,31 @@ Monte-Carlo samples.
 """
 
 from tbfunc import random
+from tbfunc.kl import kl_divergence
 from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
+from tbfunc.objective import nelbo, parameters
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, VariationalPosterior
+from tbfunc.prior import GaussianPrior, LaplacePrior, ScaleMixturePrior, pretrained_prior
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GaussianPosterior",
+    "GaussianPrior",
+    "LaplacePrior",
     "PretrainedGaussianPosterior",
+    "ScaleMixturePrior",
     "VariationalPosterior",
     "__version__",
     "choose_strategy",
     "from_module",
     "functional_call",
+    "kl_divergence",
     "mean",
+    "nelbo",
+    "parameters",
     "predict",
+    "pretrained_prior",
     "random",
     "sample",
 ]

@@ -1,0 +1,126 @@
+"""The scoreboard: ``python -m benchmarks [--quick] [--workloads W1,W3] [--device cuda]``.
+
+Times every contender on every workload, interleaved, and writes ``results.json`` and
+``results.md`` to ``--out``. Never run by the tests, except ``--quick`` on tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+import tbfunc as tb
+from benchmarks import predict, sampling, training
+from benchmarks.timing import interleaved, ms, table
+from benchmarks.workloads import WORKLOADS, instantiate
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. W1,W3")
+    parser.add_argument("--sections", default="predict,sample,train", help="which tables to run")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu + cuda if any)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--samples", type=int, help="override every workload's S")
+    parser.add_argument("--batch", type=int, help="override every workload's batch size")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
+    parser.add_argument("--no-compile", action="store_true", help="skip tb.predict compiled")
+    parser.add_argument("--quick", action="store_true", help="smoke run: S=2, B=2, 1 repeat")
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.batch, args.repeats, args.warmup = 2, 2, 1, 0
+        args.no_compile = True
+    torch.set_num_threads(args.threads)
+    devices = [torch.device("cpu")]
+    if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
+        devices = [torch.device("cuda")] if args.device == "cuda" else [*devices, torch.device("cuda")]
+    sections = set(args.sections.split(","))
+    report: dict[str, object] = {"machine": _machine(devices), "runs": []}
+    markdown = [f"# tbfunc scoreboard\n\n{_describe(report['machine'])}\n"]
+    for device in devices:
+        for name in args.workloads.split(","):
+            workload = WORKLOADS[name]
+            samples = args.samples or workload.num_samples
+            model, x, y = instantiate(workload, device, batch=args.batch)
+            title = f"{name} {workload.description}, B={x.shape[0]}, S={samples}, {device.type}"
+            if "predict" in sections:
+                runs, costs = predict.contenders(
+                    model, x, samples, compile_predict=not args.no_compile
+                )
+                markdown.append(_section(report, f"{title}: MC prediction", runs, costs, args,
+                                         device, baseline="limit"))
+            if "sample" in sections:
+                runs = sampling.contenders(model, samples)
+                markdown.append(_section(report, f"{title}: sampling the weights", runs, {}, args,
+                                         device, baseline="randn + addcmul"))
+            if "train" in sections:
+                for steps in (1, 4):
+                    runs = training.contenders(model, x, y, steps)
+                    markdown.append(_section(report, f"{title}: training step, {steps} sample(s)",
+                                             runs, {}, args, device, baseline="deterministic step"))
+            if "memory" in sections:
+                markdown.append(_memory(report, model, x, samples, device, title))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text("\n\n".join(markdown) + "\n")
+    print("\n\n".join(markdown))
+    return report
+
+
+def _section(report, title, runs, costs, args, device, *, baseline) -> str:
+    results = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device)
+    base = results[baseline].median if baseline in results else float("nan")
+    rows = []
+    for name, result in results.items():
+        rows.append({
+            "contender": name,
+            "median ms": ms(result.median) if not result.error else "error",
+            "min-max ms": f"{ms(min(result.times))}-{ms(max(result.times))}" if result.times else "",
+            f"x {baseline}": f"{result.median / base:.2f}" if result.times and base == base else "",
+            "note": result.error or "",
+        })
+    report["runs"].append({"title": title, "results": [r.as_dict() for r in results.values()],
+                           "costs_s": costs})
+    extra = "".join(f"\n\n{k}: {v:.1f}" for k, v in costs.items())
+    columns = ["contender", "median ms", "min-max ms", f"x {baseline}", "note"]
+    return f"## {title}\n\n" + table(rows, columns) + extra
+
+
+def _memory(report, model, x, samples, device, title) -> str:
+    posterior = tb.from_module(model)
+    rows = []
+    for chunk in (None, max(1, samples // 4)):
+        peak = training.peak_memory(
+            lambda c=chunk: tb.predict(model, posterior, predict.KEY, x, num_samples=samples,
+                                       chunk_size=c),
+            device,
+        )
+        rows.append({"chunk_size": str(chunk), "peak MiB above start": f"{peak / 2**20:.0f}"})
+    report["runs"].append({"title": f"{title}: predict peak memory", "results": rows})
+    return f"## {title}: predict peak memory\n\n" + table(rows, list(rows[0]))
+
+
+def _machine(devices: list[torch.device]) -> dict[str, object]:
+    info: dict[str, object] = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "tbfunc": tb.__version__,
+        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+    }
+    if any(d.type == "cuda" for d in devices):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _describe(machine: object) -> str:
+    return ", ".join(f"{k} {v}" for k, v in dict(machine).items())  # type: ignore[call-overload]
+
+
+if __name__ == "__main__":
+    main()

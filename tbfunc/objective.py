@@ -1,0 +1,141 @@
+"""The training objective: the negative ELBO per data point, and training helpers.
+
+Minibatch scaling. For N data points the negative ELBO is ``sum_i -log p(y_i | w) + KL``.
+Dividing by N gives ``mean_i -log p(y_i | w) + KL / N``; on a minibatch of B points the batch
+mean of the NLL is an unbiased estimate of the first term. So pass ``num_data=N`` (the dataset
+size, not the batch size) and every minibatch's ``nelbo`` estimates ``-ELBO / N`` without bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor, nn
+
+from tbfunc import random
+from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc.kl import has_closed_form, kl_divergence, kl_from_draws
+from tbfunc.module import (
+    Strategy,
+    _check_matches,
+    _index,
+    _sample_many,
+    _vmapped_forward,
+)
+from tbfunc.prior import GaussianPrior
+
+__all__ = ["nelbo", "parameters"]
+
+
+def nelbo(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    key: Tensor,
+    args: Any,
+    target: Any,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    num_data: int,
+    loss_fn: Callable[[Any, Any], Tensor] | None = None,
+    log_likelihood: Callable[[Any, Any], Tensor] | None = None,
+    prior: Any = GaussianPrior(),  # noqa: B008 - an immutable NamedTuple of floats
+    kl_weight: float = 1.0,
+    num_samples: int = 1,
+    strategy: Strategy = "auto",
+    stick_the_landing: bool = False,
+) -> Tensor:
+    """The negative ELBO per data point: ``mean NLL over the batch + kl_weight * KL / num_data``.
+
+    The NLL is averaged over ``num_samples`` weight draws; draw ``s`` uses
+    ``split(key, num_samples)[s]``, as in ``predict``. The KL is the closed form where every node
+    has one against its prior; otherwise (or with ``stick_the_landing``) it is the Monte-Carlo
+    estimate ``mean_s [log q(w_s) - log p(w_s)]`` on the same draws ``w_s`` as the likelihood
+    (Blundell et al. 2015). See the module docstring for the minibatch scaling.
+
+    Args:
+        module, posterior, key, args, kwargs: as in ``functional_call``.
+        target: passed to the likelihood with the module's output.
+        num_data: the number of points in the whole data set.
+        loss_fn: ``(output, target) -> mean NLL over the batch``, e.g. ``F.cross_entropy``.
+        log_likelihood: instead of ``loss_fn``, ``(output, target) -> per-point log p(y | x, w)``.
+        prior: one prior for every node or a dict keyed like the posterior.
+        kl_weight: multiplies the KL (1 is the ELBO; < 1 for KL warm-up or cold posteriors).
+        num_samples: weight draws to average the NLL over.
+        strategy: ``"vmap"`` or ``"loop"`` over the draws; ``"auto"`` loops on the CPU, where
+            a loop of forward/backward passes was measured faster, and vmaps on accelerators.
+        stick_the_landing: evaluate ``log q`` at detached ``(mu, rho)`` in a Monte-Carlo KL
+            (Roeder et al. 2017): lower-variance gradients near the optimum.
+    """
+    check_key(key)
+    count = check_positive_int(num_samples, "num_samples")
+    data_size = check_positive_int(num_data, "num_data")
+    if (loss_fn is None) == (log_likelihood is None):
+        raise ValueError(
+            "give exactly one of loss_fn (mean NLL over the batch) and "
+            "log_likelihood (per-point log-likelihood)."
+        )
+    if strategy not in ("auto", "vmap", "loop"):
+        fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
+    if not isinstance(kl_weight, int | float) or kl_weight < 0:
+        fail("kl_weight", "a non-negative float", kl_weight)
+    _check_matches(module, posterior)
+
+    def batch_nll(output: Any) -> Tensor:
+        if loss_fn is not None:
+            return loss_fn(output, target)
+        assert log_likelihood is not None
+        return -log_likelihood(output, target).mean()
+
+    draws = _sample_many(posterior, random._split(key, count))
+    if strategy == "auto":
+        on_cpu = all(leaf.device.type == "cpu" for leaf in optree.tree_leaves(draws))
+        strategy = "loop" if on_cpu or count == 1 else "vmap"
+    if strategy == "loop":
+        losses = [
+            batch_nll(torch.func.functional_call(module, _index(draws, s), args, kwargs))
+            for s in range(count)
+        ]
+    else:
+        outputs = _vmapped_forward(module, draws, args, kwargs)
+        losses = [batch_nll(_index(outputs, s)) for s in range(count)]
+    nll = torch.stack(losses).mean()
+    if has_closed_form(posterior, prior) and not stick_the_landing:
+        kl = kl_divergence(posterior, prior)
+    else:
+        kl = kl_from_draws(posterior, prior, draws, stop_gradient=stick_the_landing) / count
+    return nll + kl_weight * kl / data_size
+
+
+def parameters(posterior: Any) -> list[Tensor]:
+    """The posterior's tensors, set to ``requires_grad`` in place, for a ``torch.optim`` optimizer.
+
+    The tree keeps these very tensors, so after ``optimizer.step()`` it holds the updated
+    values and stays usable with ``sample``, ``predict`` and ``kl_divergence``.
+
+    Example:
+        >>> import torch, tbfunc as tb
+        >>> post = tb.from_module(torch.nn.Linear(3, 2))
+        >>> opt = torch.optim.Adam(tb.parameters(post), lr=1e-3)
+    """
+    tensors: list[Tensor] = []
+    seen: set[int] = set()
+    for path, leaf in zip(*optree.tree_flatten_with_path(posterior)[:2], strict=True):
+        if not isinstance(leaf, Tensor) or not leaf.is_floating_point():
+            fail(
+                f"posterior leaf {'.'.join(map(str, path))!r}",
+                "a floating-point tensor",
+                leaf,
+                error=TypeError,
+            )
+        if not leaf.is_leaf:
+            raise ValueError(
+                f"posterior leaf {'.'.join(map(str, path))!r} is computed from other tensors, "
+                "so an optimizer cannot update it; detach it first (tensor.detach().clone())."
+            )
+        if id(leaf) not in seen:
+            seen.add(id(leaf))
+            tensors.append(leaf.requires_grad_(True))
+    return tensors
