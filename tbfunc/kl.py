@@ -152,9 +152,17 @@ def gaussian_laplace_kl(mu: Tensor, rho: Tensor, prior_mu: Any, b: Any) -> Tenso
     ``d = mu - m`` (the folded-normal mean)."""
     sigma = F.softplus(rho)
     d = mu - prior_mu
-    # d / sigma can be huge for tiny sigma: exp(-z^2/2) -> 0 and Phi(-z) -> 0 or 1, all finite.
-    z = d / sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
-    folded = sigma * torch.exp(_LOG_2_OVER_PI_HALF - 0.5 * z**2) + d * torch.erf(z / math.sqrt(2))
+    # Beyond |d| > 20 sigma the folded mean is |d| to within exp(-200); computing d / sigma
+    # there would overflow its gradient (-d / sigma^2) and give inf * 0 = nan. Both branches
+    # get safe inputs, so the unused one stays finite.
+    moderate = d.abs() < 20 * sigma
+    safe_sigma = torch.where(moderate, sigma, torch.ones_like(sigma))
+    safe_d = torch.where(moderate, d, torch.zeros_like(d))
+    z = safe_d / safe_sigma
+    near = safe_sigma * torch.exp(_LOG_2_OVER_PI_HALF - 0.5 * z**2) + safe_d * torch.erf(
+        z / math.sqrt(2)
+    )
+    folded = torch.where(moderate, near, d.abs())
     entropy = 0.5 + _LOG_SQRT_2PI + log_softplus(rho)
     log_2b = torch.log(2 * torch.as_tensor(b, dtype=mu.dtype, device=mu.device))
     return -entropy + log_2b + folded / b

@@ -35,3 +35,25 @@ def mlp(sizes=(5, 16, 3), seed: int = 0) -> nn.Module:
         return nn.Sequential(*layers)
 
     return seeded(build, seed).eval()
+
+
+def torchbayesian_twin(module: nn.Module, posterior: dict, prior: tuple | None = None):
+    """torchbayesian 0.2.1's BayesianModule over a copy of ``module``, with our mu and rho."""
+    import copy
+
+    bnn = pytest.importorskip("torchbayesian.bnn")
+    with torch.random.fork_rng(devices=[]):  # torchbayesian draws from the global RNG
+        twin = bnn.BayesianModule(copy.deepcopy(module), variational_posterior="pretrained_normal",
+                                  prior=prior)
+    owners = {}
+    for name, sub in twin.named_modules():
+        if isinstance(sub, bnn.VariationalPosterior):
+            owner, _, rest = name.removeprefix("module.").partition(".reparametrizations.")
+            param = f"{owner}.{rest.removesuffix('.variational_posterior')}".lstrip(".")
+            owners[param] = sub
+    assert sorted(owners) == sorted(posterior)
+    with torch.no_grad():
+        for param, sub in owners.items():
+            sub.mu.copy_(posterior[param].mu)
+            sub.rho.copy_(posterior[param].rho)
+    return twin, owners

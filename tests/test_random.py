@@ -187,3 +187,16 @@ def test_bad_arguments():
         tb.random.normal(key, (2, -1))
     with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
         tb.random.normal(key, (2,), dtype=torch.int64)
+
+
+@given(testing.keys(), st.integers(0, 2**64 - 1), st.integers(1, 4))
+def test_python_and_tensor_threefry_agree(key, data, num):
+    """The eager Python-int path and the tensor-op path (used under vmap/compile) are one function."""
+    from tbfunc import random as r
+
+    word = torch.tensor(data - 2**64 if data >= 2**63 else data)
+    x0, x1 = _threefry2x32(key[0], key[1], (word >> 32) & M, word & M)
+    assert r._fold_in(key, word).tolist() == [int(x0), int(x1)]
+    counter = torch.arange(num)
+    y0, y1 = _threefry2x32(key[0:1], key[1:2], torch.zeros_like(counter), counter)
+    assert r._split(key, num).tolist() == torch.stack((y0, y1), -1).tolist()
