@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")]
     if args.device == "cuda" or (args.device == "all" and torch.cuda.is_available()):
-        devices = [torch.device("cuda")] if args.device == "cuda" else [*devices, torch.device("cuda")]
+        devices = (
+            [torch.device("cuda")] if args.device == "cuda" else [*devices, torch.device("cuda")]
+        )
     sections = set(args.sections.split(","))
     report: dict[str, object] = {"machine": _machine(devices), "runs": []}
     markdown = [f"# tbfunc scoreboard\n\n{_describe(report['machine'])}\n"]
@@ -54,17 +56,44 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 runs, costs = predict.contenders(
                     model, x, samples, compile_predict=not args.no_compile
                 )
-                markdown.append(_section(report, f"{title}: MC prediction", runs, costs, args,
-                                         device, baseline="limit"))
+                markdown.append(
+                    _section(
+                        report,
+                        f"{title}: MC prediction",
+                        runs,
+                        costs,
+                        args,
+                        device,
+                        baseline="limit",
+                    )
+                )
             if "sample" in sections:
                 runs = sampling.contenders(model, samples)
-                markdown.append(_section(report, f"{title}: sampling the weights", runs, {}, args,
-                                         device, baseline="randn + addcmul"))
+                markdown.append(
+                    _section(
+                        report,
+                        f"{title}: sampling the weights",
+                        runs,
+                        {},
+                        args,
+                        device,
+                        baseline="randn + addcmul",
+                    )
+                )
             if "train" in sections:
                 for steps in (1, 4):
                     runs = training.contenders(model, x, y, steps)
-                    markdown.append(_section(report, f"{title}: training step, {steps} sample(s)",
-                                             runs, {}, args, device, baseline="deterministic step"))
+                    markdown.append(
+                        _section(
+                            report,
+                            f"{title}: training step, {steps} sample(s)",
+                            runs,
+                            {},
+                            args,
+                            device,
+                            baseline="deterministic step",
+                        )
+                    )
             if "memory" in sections:
                 markdown.append(_memory(report, model, x, samples, device, title))
     out = Path(args.out)
@@ -80,15 +109,22 @@ def _section(report, title, runs, costs, args, device, *, baseline) -> str:
     base = results[baseline].median if baseline in results else float("nan")
     rows = []
     for name, result in results.items():
-        rows.append({
-            "contender": name,
-            "median ms": ms(result.median) if not result.error else "error",
-            "min-max ms": f"{ms(min(result.times))}-{ms(max(result.times))}" if result.times else "",
-            f"x {baseline}": f"{result.median / base:.2f}" if result.times and base == base else "",
-            "note": result.error or "",
-        })
-    report["runs"].append({"title": title, "results": [r.as_dict() for r in results.values()],
-                           "costs_s": costs})
+        rows.append(
+            {
+                "contender": name,
+                "median ms": ms(result.median) if not result.error else "error",
+                "min-max ms": f"{ms(min(result.times))}-{ms(max(result.times))}"
+                if result.times
+                else "",
+                f"x {baseline}": f"{result.median / base:.2f}"
+                if result.times and base == base
+                else "",
+                "note": result.error or "",
+            }
+        )
+    report["runs"].append(
+        {"title": title, "results": [r.as_dict() for r in results.values()], "costs_s": costs}
+    )
     extra = "".join(f"\n\n{k}: {v:.1f}" for k, v in costs.items())
     columns = ["contender", "median ms", "min-max ms", f"x {baseline}", "note"]
     return f"## {title}\n\n" + table(rows, columns) + extra
@@ -99,8 +135,9 @@ def _memory(report, model, x, samples, device, title) -> str:
     rows = []
     for chunk in (None, max(1, samples // 4)):
         peak = training.peak_memory(
-            lambda c=chunk: tb.predict(model, posterior, predict.KEY, x, num_samples=samples,
-                                       chunk_size=c),
+            lambda c=chunk: tb.predict(
+                model, posterior, predict.KEY, x, num_samples=samples, chunk_size=c
+            ),
             device,
         )
         rows.append({"chunk_size": str(chunk), "peak MiB above start": f"{peak / 2**20:.0f}"})
@@ -110,8 +147,11 @@ def _memory(report, model, x, samples, device, title) -> str:
 
 def _machine(devices: list[torch.device]) -> dict[str, object]:
     info: dict[str, object] = {
-        "python": sys.version.split()[0], "torch": torch.__version__, "tbfunc": tb.__version__,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "tbfunc": tb.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
     }
     if any(d.type == "cuda" for d in devices):
         info["gpu"] = torch.cuda.get_device_name()

@@ -52,9 +52,7 @@ def contenders(
     return runs, costs
 
 
-def limit(
-    model: nn.Module, x: torch.Tensor, num_samples: int, count: int
-) -> Callable[[], object]:
+def limit(model: nn.Module, x: torch.Tensor, num_samples: int, count: int) -> Callable[[], object]:
     """The faster of (one forward on S*B inputs, S forwards on B inputs) + randn(S*P).
 
     Which of the two forwards is faster is decided once, at set-up, by timing each three times.

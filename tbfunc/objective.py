@@ -105,7 +105,7 @@ def nelbo(
     if has_closed_form(posterior, prior) and not stick_the_landing:
         kl = kl_divergence(posterior, prior)
     else:
-        kl = kl_from_draws(posterior, prior, draws, stop_gradient=stick_the_landing) / count
+        kl = kl_from_draws(posterior, prior, draws, stop_gradient=stick_the_landing)
     return nll + kl_weight * kl / data_size
 
 

@@ -171,7 +171,9 @@ def _threefry2x32(k0: Tensor, k1: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tenso
 def _split(keys: Tensor, num: int) -> Tensor:
     """keys ``(..., 2)`` -> ``(..., num, 2)``; no checks."""
     if _few_plain_words(keys, num):
-        pairs = [_threefry_words(*k, 0, i) for k in keys.reshape(-1, 2).tolist() for i in range(num)]
+        pairs = [
+            _threefry_words(*k, 0, i) for k in keys.reshape(-1, 2).tolist() for i in range(num)
+        ]
         return torch.tensor(pairs, dtype=torch.int64).reshape(*keys.shape[:-1], num, 2)
     counter = torch.arange(num, dtype=torch.int64, device=keys.device)
     x0, x1 = _threefry2x32(keys[..., 0:1], keys[..., 1:2], torch.zeros_like(counter), counter)
@@ -184,8 +186,10 @@ def _fold_in(keys: Tensor, data: Tensor) -> Tensor:
     if _few_plain_words(keys, data.numel()) and not _wrapped(data):
         words = keys.expand(*shape, 2).reshape(-1, 2).tolist()
         values = data.expand(shape).reshape(-1).tolist()
-        pairs = [_threefry_words(k0, k1, (d >> 32) & _MASK, d & _MASK)
-                 for (k0, k1), d in zip(words, values, strict=True)]
+        pairs = [
+            _threefry_words(k0, k1, (d >> 32) & _MASK, d & _MASK)
+            for (k0, k1), d in zip(words, values, strict=True)
+        ]
         return torch.tensor(pairs, dtype=torch.int64).reshape(*shape, 2)
     x0, x1 = _threefry2x32(keys[..., 0], keys[..., 1], (data >> 32) & _MASK, data & _MASK)
     return torch.stack((x0, x1), dim=-1)

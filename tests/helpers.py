@@ -43,8 +43,9 @@ def torchbayesian_twin(module: nn.Module, posterior: dict, prior: tuple | None =
 
     bnn = pytest.importorskip("torchbayesian.bnn")
     with torch.random.fork_rng(devices=[]):  # torchbayesian draws from the global RNG
-        twin = bnn.BayesianModule(copy.deepcopy(module), variational_posterior="pretrained_normal",
-                                  prior=prior)
+        twin = bnn.BayesianModule(
+            copy.deepcopy(module), variational_posterior="pretrained_normal", prior=prior
+        )
     owners = {}
     for name, sub in twin.named_modules():
         if isinstance(sub, bnn.VariationalPosterior):

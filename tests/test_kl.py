@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import data, mlp, torchbayesian_twin
 from hypothesis import given
 from hypothesis import strategies as st
 
 import tbfunc as tb
+from helpers import data, mlp, torchbayesian_twin
 from tbfunc import testing
 from tbfunc.kl import log_softplus
 
@@ -20,7 +20,9 @@ KEY = tb.random.key(0)
 def posterior_with_random_rho(net, dtype=torch.float64):
     post = tb.from_module(net.to(dtype))
     return {
-        name: tb.PretrainedGaussianPosterior(node.mu, -2 + data(*node.mu.shape, seed=i, dtype=dtype))
+        name: tb.PretrainedGaussianPosterior(
+            node.mu, -2 + data(*node.mu.shape, seed=i, dtype=dtype)
+        )
         for i, (name, node) in enumerate(post.items())
     }
 
@@ -35,7 +37,9 @@ def torch_kl(post, prior_of):
 def test_closed_form_matches_torch_distributions():
     post = posterior_with_random_rho(mlp())
     normal = torch.distributions.Normal
-    torch.testing.assert_close(tb.kl_divergence(post), torch_kl(post, lambda n, p: normal(0.0, 1.0)))
+    torch.testing.assert_close(
+        tb.kl_divergence(post), torch_kl(post, lambda n, p: normal(0.0, 1.0))
+    )
     shifted = tb.GaussianPrior(0.3, 0.5)
     torch.testing.assert_close(
         tb.kl_divergence(post, shifted), torch_kl(post, lambda n, p: normal(0.3, 0.5))
@@ -120,7 +124,9 @@ def test_closed_form_finite_and_differentiable_in_float32(rho, mu):
     for prior in (tb.GaussianPrior(), tb.LaplacePrior()):
         kl = tb.kl_divergence(node, prior)
         mu_grad, rho_grad = torch.autograd.grad(kl, [node.mu, node.rho])
-        assert torch.isfinite(kl) and torch.isfinite(mu_grad).all() and torch.isfinite(rho_grad).all()
+        assert (
+            torch.isfinite(kl) and torch.isfinite(mu_grad).all() and torch.isfinite(rho_grad).all()
+        )
 
 
 def test_very_negative_rho_values():
@@ -138,11 +144,15 @@ def test_gradcheck_float64():
     names = list(post)
 
     def kl(*tensors):
-        tree = {n: tb.PretrainedGaussianPosterior(tensors[2 * i], tensors[2 * i + 1])
-                for i, n in enumerate(names)}
-        return (tb.kl_divergence(tree, tb.GaussianPrior(0.1, 0.8)),
-                tb.kl_divergence(tree, tb.LaplacePrior(0.0, 0.5)),
-                tb.kl_divergence(tree, tb.ScaleMixturePrior(0.5, 1.0, 0.1), key=KEY, num_samples=3))
+        tree = {
+            n: tb.PretrainedGaussianPosterior(tensors[2 * i], tensors[2 * i + 1])
+            for i, n in enumerate(names)
+        }
+        return (
+            tb.kl_divergence(tree, tb.GaussianPrior(0.1, 0.8)),
+            tb.kl_divergence(tree, tb.LaplacePrior(0.0, 0.5)),
+            tb.kl_divergence(tree, tb.ScaleMixturePrior(0.5, 1.0, 0.1), key=KEY, num_samples=3),
+        )
 
     inputs = tuple(t.detach().clone().requires_grad_() for n in names for t in post[n])
     assert torch.autograd.gradcheck(kl, inputs)
@@ -150,22 +160,43 @@ def test_gradcheck_float64():
 
 def test_kl_errors():
     post = tb.from_module(mlp())
-    with pytest.raises(ValueError, match=r"prior must have exactly the posterior's names, got missing \['2.bias'\]; extra \['head.bias'\]"):
-        tb.kl_divergence(post, {"0.weight": tb.GaussianPrior(), "0.bias": tb.GaussianPrior(),
-                                "2.weight": tb.GaussianPrior(), "head.bias": tb.GaussianPrior()})
-    with pytest.raises(ValueError, match=r"no closed-form KL for PretrainedGaussianPosterior vs ScaleMixturePrior: pass key= and num_samples="):
+    with pytest.raises(
+        ValueError,
+        match=r"prior must have exactly the posterior's names, got missing \['2.bias'\]; extra \['head.bias'\]",
+    ):
+        tb.kl_divergence(
+            post,
+            {
+                "0.weight": tb.GaussianPrior(),
+                "0.bias": tb.GaussianPrior(),
+                "2.weight": tb.GaussianPrior(),
+                "head.bias": tb.GaussianPrior(),
+            },
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"no closed-form KL for PretrainedGaussianPosterior vs ScaleMixturePrior: pass key= and num_samples=",
+    ):
         tb.kl_divergence(post, tb.ScaleMixturePrior(0.5, 1.0, 0.1))
-    with pytest.raises(ValueError, match="key and num_samples must be given together for a Monte-Carlo KL, got key=a key and num_samples=None"):
+    with pytest.raises(
+        ValueError,
+        match="key and num_samples must be given together for a Monte-Carlo KL, got key=a key and num_samples=None",
+    ):
         tb.kl_divergence(post, tb.ScaleMixturePrior(0.5, 1.0, 0.1), key=KEY)
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean', got str 'avg'"):
         tb.kl_divergence(post, reduction="avg")
-    with pytest.raises(TypeError, match=r"prior must be a prior \(e.g. tb.GaussianPrior\(\)\) or a dict of them, got str 'normal'"):
+    with pytest.raises(
+        TypeError,
+        match=r"prior must be a prior \(e.g. tb.GaussianPrior\(\)\) or a dict of them, got str 'normal'",
+    ):
         tb.kl_divergence(post, "normal")
     with pytest.raises(ValueError, match="prior.sigma must be positive, got float -1.0"):
         tb.kl_divergence(post, tb.GaussianPrior(0.0, -1.0))
     with pytest.raises(ValueError, match="pi must be in \\(0, 1\\), got float 1.5"):
         tb.kl_divergence(post, tb.ScaleMixturePrior(1.5, 1.0, 0.1), key=KEY, num_samples=2)
-    with pytest.raises(ValueError, match=r"posterior names \['x'\] are not parameters of Sequential"):
+    with pytest.raises(
+        ValueError, match=r"posterior names \['x'\] are not parameters of Sequential"
+    ):
         tb.pretrained_prior(mlp(), {"x": post["0.bias"]})
 
 
@@ -177,6 +208,8 @@ def test_priors_match_torch_distributions():
         mixture.log_prob(value), mixture.distribution.log_prob(value).double(), rtol=1e-5, atol=1e-6
     )
     laplace = tb.LaplacePrior(0.2, 0.4)
-    torch.testing.assert_close(laplace.log_prob(value), laplace.distribution.log_prob(value).double())
+    torch.testing.assert_close(
+        laplace.log_prob(value), laplace.distribution.log_prob(value).double()
+    )
     gauss = tb.GaussianPrior(0.2, 0.4)
     torch.testing.assert_close(gauss.log_prob(value), gauss.distribution.log_prob(value).double())
