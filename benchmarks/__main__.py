@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sections = set(args.sections.split(","))
     report: dict[str, object] = {"machine": _machine(devices), "runs": []}
     markdown = [f"# tbfunc scoreboard\n\n{_describe(report['machine'])}\n"]
-    for device in devices:
+    for device in map(torch.device, devices):
         for name in args.workloads.split(","):
             workload = WORKLOADS[name]
             samples = args.samples or workload.num_samples
@@ -130,6 +130,10 @@ def _section(report, title, runs, costs, args, device, *, baseline) -> str:
     return f"## {title}\n\n" + table(rows, columns) + extra
 
 
+def _spread(times: list[float]) -> str:
+    return f"{ms(min(times))}-{ms(max(times))}" if times else ""
+
+
 def _memory(report, model, x, samples, device, title) -> str:
     posterior = tb.from_module(model)
     rows = []
@@ -145,7 +149,7 @@ def _memory(report, model, x, samples, device, title) -> str:
     return f"## {title}: predict peak memory\n\n" + table(rows, list(rows[0]))
 
 
-def _machine(devices: list[torch.device]) -> dict[str, object]:
+def _machine(devices: list[str]) -> dict[str, object]:
     info: dict[str, object] = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -153,7 +157,7 @@ def _machine(devices: list[torch.device]) -> dict[str, object]:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    if any(d.type == "cuda" for d in devices):
+    if "cuda" in devices:
         info["gpu"] = torch.cuda.get_device_name()
     return info
 

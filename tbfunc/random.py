@@ -23,6 +23,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from tbfunc._checks import check_key, check_positive_int, fail
 
 __all__ = ["fold_in", "key", "normal", "split"]
 
+Word = TypeVar("Word", int, Tensor)
 _MASK = 0xFFFFFFFF
 _PARITY = 0x1BD11BDA  # Threefry's key-schedule constant.
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
@@ -150,11 +152,13 @@ def normal_segments(
 # Threefry-2x32 on int64 tensors.
 
 
-def _threefry2x32(k0: Tensor, k1: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tensor, Tensor]:
-    """Threefry-2x32, 20 rounds, on broadcastable int64 tensors holding 32-bit words.
+def _threefry2x32(k0: Word, k1: Word, x0: Word, x1: Word) -> tuple[Word, Word]:
+    """Threefry-2x32, 20 rounds, on 32-bit words held in Python ints or int64 tensors.
 
     int64 arithmetic masked to 32 bits stands in for uint32, which PyTorch lacks arithmetic for;
-    a left shift of a 32-bit word by <= 29 cannot overflow int64.
+    a left shift of a 32-bit word by <= 29 cannot overflow int64. Tensors broadcast. In eager
+    mode a handful of keys go through Python ints: some 150 tiny tensor ops would cost ~40x more
+    than the arithmetic (``_few_plain_words``).
     """
     schedule = (k0, k1, k0 ^ k1 ^ _PARITY)
     x0 = (x0 + k0) & _MASK
@@ -171,9 +175,8 @@ def _threefry2x32(k0: Tensor, k1: Tensor, x0: Tensor, x1: Tensor) -> tuple[Tenso
 def _split(keys: Tensor, num: int) -> Tensor:
     """keys ``(..., 2)`` -> ``(..., num, 2)``; no checks."""
     if _few_plain_words(keys, num):
-        pairs = [
-            _threefry_words(*k, 0, i) for k in keys.reshape(-1, 2).tolist() for i in range(num)
-        ]
+        words = keys.reshape(-1, 2).tolist()
+        pairs = [_threefry2x32(k0, k1, 0, i) for k0, k1 in words for i in range(num)]
         return torch.tensor(pairs, dtype=torch.int64).reshape(*keys.shape[:-1], num, 2)
     counter = torch.arange(num, dtype=torch.int64, device=keys.device)
     x0, x1 = _threefry2x32(keys[..., 0:1], keys[..., 1:2], torch.zeros_like(counter), counter)
@@ -187,27 +190,12 @@ def _fold_in(keys: Tensor, data: Tensor) -> Tensor:
         words = keys.expand(*shape, 2).reshape(-1, 2).tolist()
         values = data.expand(shape).reshape(-1).tolist()
         pairs = [
-            _threefry_words(k0, k1, (d >> 32) & _MASK, d & _MASK)
+            _threefry2x32(k0, k1, (d >> 32) & _MASK, d & _MASK)
             for (k0, k1), d in zip(words, values, strict=True)
         ]
         return torch.tensor(pairs, dtype=torch.int64).reshape(*shape, 2)
     x0, x1 = _threefry2x32(keys[..., 0], keys[..., 1], (data >> 32) & _MASK, data & _MASK)
     return torch.stack((x0, x1), dim=-1)
-
-
-def _threefry_words(k0: int, k1: int, x0: int, x1: int) -> list[int]:
-    """``_threefry2x32`` on Python ints: the same function, for a handful of keys in eager mode,
-    where some 150 tiny tensor ops would cost ~40x more than the arithmetic."""
-    schedule = (k0, k1, k0 ^ k1 ^ _PARITY)
-    x0 = (x0 + k0) & _MASK
-    x1 = (x1 + k1) & _MASK
-    for block in range(5):
-        for r in _ROTATIONS[block % 2]:
-            x0 = (x0 + x1) & _MASK
-            x1 = (((x1 << r) | (x1 >> (32 - r))) & _MASK) ^ x0
-        x0 = (x0 + schedule[(block + 1) % 3]) & _MASK
-        x1 = (x1 + schedule[(block + 2) % 3] + block + 1) & _MASK
-    return [x0, x1]
 
 
 def _few_plain_words(keys: Tensor, count: int) -> bool:
