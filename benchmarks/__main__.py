@@ -23,7 +23,9 @@ from benchmarks.workloads import WORKLOADS, instantiate
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. W1,W3")
-    parser.add_argument("--sections", default="predict,sample,train", help="which tables to run")
+    parser.add_argument(
+        "--sections", default="predict,sample,train,memory", help="which tables to run"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu + cuda if any)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                         )
                     )
             if "memory" in sections:
-                markdown.append(_memory(report, model, x, samples, device, title))
+                markdown.append(_memory(report, name, model, x, samples, device, title))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))
@@ -134,16 +136,19 @@ def _spread(times: list[float]) -> str:
     return f"{ms(min(times))}-{ms(max(times))}" if times else ""
 
 
-def _memory(report, model, x, samples, device, title) -> str:
+def _memory(report, workload, model, x, samples, device, title) -> str:
     posterior = tb.from_module(model)
     rows = []
     for chunk in (None, max(1, samples // 4)):
-        peak = training.peak_memory(
-            lambda c=chunk: tb.predict(
-                model, posterior, predict.KEY, x, num_samples=samples, chunk_size=c
-            ),
-            device,
-        )
+        if device.type == "cuda":
+            peak = training.peak_memory(
+                lambda c=chunk: tb.predict(
+                    model, posterior, predict.KEY, x, num_samples=samples, chunk_size=c
+                ),
+                device,
+            )
+        else:
+            peak = training.peak_memory_in_child(workload, chunk, samples, x.shape[0])
         rows.append({"chunk_size": str(chunk), "peak MiB above start": f"{peak / 2**20:.0f}"})
     report["runs"].append({"title": f"{title}: predict peak memory", "results": rows})
     return f"## {title}: predict peak memory\n\n" + table(rows, list(rows[0]))

@@ -223,8 +223,11 @@ def hash32(path: str) -> int:
 # Sampling.
 
 
-def _sample_many(tree: Any, keys: Tensor) -> Any:
-    """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis."""
+def _sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None) -> Any:
+    """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis.
+
+    ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)`` already computed.
+    """
     paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
     count = keys.shape[0]
     names = [".".join(str(part) for part in path) for path in paths]
@@ -247,7 +250,9 @@ def _sample_many(tree: Any, keys: Tensor) -> Any:
             )
     for (dtype, device), members in groups.items():
         nodes = [leaves[i] for i in members]
-        draws = _draw_gaussians(nodes, leaf_keys[members].reshape(-1, 2), count, dtype, device)
+        scales = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
+        group_keys = leaf_keys[members].reshape(-1, 2)
+        draws = _draw_gaussians(nodes, scales, group_keys, count, dtype, device)
         for i, value in zip(members, draws, strict=True):
             drawn[i] = value
     return optree.tree_unflatten(spec, drawn)
@@ -265,7 +270,12 @@ def _leaf_keys(names: list[str], paths: list[tuple[Any, ...]], keys: Tensor) -> 
 
 
 def _draw_gaussians(
-    nodes: list[Any], keys: Tensor, count: int, dtype: torch.dtype, device: torch.device
+    nodes: list[Any],
+    sigmas: list[Tensor],
+    keys: Tensor,
+    count: int,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> list[Tensor]:
     """``mu + sigma * eps`` with a leading axis ``count`` for each node; noise segment ``(l, s)``
     is keyed by ``keys[l * count + s]``.
@@ -278,9 +288,13 @@ def _draw_gaussians(
     """
     numels = [node.mu.numel() for node in nodes for _ in range(count)]
     sizes = [node.mu.numel() * count for node in nodes]
-    sigmas = [node.sigma for node in nodes]
     if torch.compiler.is_compiling() or _tracked(keys, *(node.mu for node in nodes), *sigmas):
         eps = random.normal_segments(keys, numels, dtype, device).split(sizes)
+        if count == 1:  # no broadcast over the sample axis: its backward needs no reduction
+            return [
+                torch.addcmul(node.mu, sigma, noise.view(node.mu.shape))[None]
+                for node, sigma, noise in zip(nodes, sigmas, eps, strict=True)
+            ]
         return [
             torch.addcmul(node.mu, sigma, noise.view(count, *node.mu.shape))
             for node, sigma, noise in zip(nodes, sigmas, eps, strict=True)

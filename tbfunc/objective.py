@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_positive_int, fail
-from tbfunc.kl import has_closed_form, kl_divergence, kl_from_draws
+from tbfunc.kl import closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.module import (
     Strategy,
     _check_matches,
@@ -25,6 +25,7 @@ from tbfunc.module import (
     _sample_many,
     _vmapped_forward,
 )
+from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior
 
 __all__ = ["nelbo", "parameters"]
@@ -89,7 +90,10 @@ def nelbo(
         assert log_likelihood is not None
         return -log_likelihood(output, target).mean()
 
-    draws = _sample_many(posterior, random._split(key, count))
+    # softplus(rho) once per node, shared by the draws and the closed-form KL
+    leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
+    sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
+    draws = _sample_many(posterior, random._split(key, count), sigmas)
     if strategy == "auto":
         on_cpu = all(leaf.device.type == "cpu" for leaf in optree.tree_leaves(draws))
         strategy = "loop" if on_cpu or count == 1 else "vmap"
@@ -103,7 +107,7 @@ def nelbo(
         losses = [batch_nll(_index(outputs, s)) for s in range(count)]
     nll = torch.stack(losses).mean()
     if has_closed_form(posterior, prior) and not stick_the_landing:
-        kl = kl_divergence(posterior, prior)
+        kl = closed_form_kl(posterior, prior, [sigmas[i] for i in sorted(sigmas)])
     else:
         kl = kl_from_draws(posterior, prior, draws, stop_gradient=stick_the_landing)
     return nll + kl_weight * kl / data_size

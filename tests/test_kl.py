@@ -213,3 +213,23 @@ def test_priors_match_torch_distributions():
     )
     gauss = tb.GaussianPrior(0.2, 0.4)
     torch.testing.assert_close(gauss.log_prob(value), gauss.distribution.log_prob(value).double())
+
+
+def test_gradcheck_with_learned_prior_parameters():
+    """Gradients also reach a prior's own tensors (an empirical-Bayes or learned prior)."""
+    mu, rho = data(3, 2, dtype=torch.float64), data(3, 2, seed=1, dtype=torch.float64) - 1
+
+    def kl(mu, rho, prior_mu, prior_sigma):
+        node = tb.PretrainedGaussianPosterior(mu, rho)
+        return tb.kl_divergence(node, tb.GaussianPrior(prior_mu, prior_sigma))
+
+    for prior_mu, prior_sigma in (
+        (
+            data(3, 2, seed=2, dtype=torch.float64),
+            0.5 + data(3, 2, seed=3, dtype=torch.float64).abs(),
+        ),
+        (torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)),
+        (data(1, 2, seed=4, dtype=torch.float64), torch.full((3, 1), 0.8, dtype=torch.float64)),
+    ):
+        inputs = tuple(t.clone().requires_grad_() for t in (mu, rho, prior_mu, prior_sigma))
+        assert torch.autograd.gradcheck(kl, inputs)

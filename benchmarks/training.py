@@ -1,0 +1,170 @@
+"""One training step (sample, forward, backward, Adam) for each contender, and peak memory."""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tbfunc as tb
+
+NUM_DATA = 60_000
+RHO = -3.0
+
+
+def contenders(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+) -> dict[str, Callable[[], object]]:
+    runs = {
+        "deterministic step": deterministic(model, x, y),
+        "tbfunc nelbo + Adam": tbfunc_step(model, x, y, num_samples),
+    }
+    runs.update(torchbayesian_step(model, x, y, num_samples))
+    runs.update(posteriors_step(model, x, y, num_samples))
+    return runs
+
+
+def deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """The floor: the base model's own step (no sampling, no KL)."""
+    net = copy.deepcopy(model)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step() -> object:
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def tbfunc_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+) -> Callable[[], object]:
+    posterior = tb.from_module(model, rho=RHO)
+    opt = torch.optim.Adam(tb.parameters(posterior), lr=1e-4)
+    counter = iter(range(10**9))
+    key = tb.random.key(0)
+
+    def step() -> object:
+        loss = tb.nelbo(
+            model,
+            posterior,
+            tb.random.fold_in(key, next(counter)),
+            x,
+            y,
+            loss_fn=F.cross_entropy,
+            num_data=NUM_DATA,
+            num_samples=num_samples,
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def torchbayesian_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+) -> dict[str, Callable[[], object]]:
+    """torchbayesian's documented loop: S forwards, cross-entropy, KL / N, Adam."""
+    name = "torchbayesian fwd + KL + Adam"
+    try:
+        from torchbayesian import bnn
+    except ImportError as error:
+        return {name: _raiser(error)}
+    net = bnn.BayesianModule(copy.deepcopy(model), variational_posterior="pretrained_normal")
+    net = net.to(x.device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+
+    def step() -> object:
+        nll = sum(F.cross_entropy(net(x), y) for _ in range(num_samples)) / num_samples
+        loss = nll + net.kl_divergence() / NUM_DATA
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return {name: step}
+
+
+def posteriors_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+) -> dict[str, Callable[[], object]]:
+    """posteriors 0.1.3 ``vi.diag`` update: its NELBO with a N(0, 1) prior, temperature 1/N."""
+    name = "posteriors vi.diag update"
+    try:
+        import posteriors as ps
+        import torchopt
+    except ImportError as error:
+        return {name: _raiser(error)}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def log_posterior(p: dict[str, torch.Tensor], batch: tuple) -> tuple[torch.Tensor, object]:
+        out = torch.func.functional_call(model, p, (batch[0],))
+        log_prior = sum((-0.5 * w**2).sum() for w in p.values()) - 0.5 * math.log(2 * math.pi)
+        return -F.cross_entropy(out, batch[1]) + log_prior / NUM_DATA, out
+
+    transform = ps.vi.diag.build(
+        log_posterior,
+        torchopt.adam(lr=1e-4),
+        temperature=1 / NUM_DATA,
+        n_samples=num_samples,
+        init_log_sds=math.log(math.log1p(math.exp(RHO))),
+    )
+    state = [transform.init(params)]
+
+    def step() -> object:
+        state[0], _ = transform.update(state[0], (x, y))
+        return state[0]
+
+    return {name: step}
+
+
+def peak_memory(run: Callable[[], object], device: torch.device) -> int:
+    """Bytes allocated at the peak of ``run`` above what was held before it.
+
+    On CUDA from the caching allocator's statistics; on the CPU from the process's peak resident
+    set (``ru_maxrss``), so call it in a fresh process for each measurement (``--sections
+    memory`` does) or a larger earlier peak hides this one.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - start
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+
+
+def peak_memory_in_child(workload: str, chunk: int | None, samples: int, batch: int | None) -> int:
+    """``peak_memory`` of one ``tb.predict`` call on the CPU, in a fresh interpreter."""
+    code = (
+        "import torch, tbfunc as tb; from benchmarks.workloads import WORKLOADS, instantiate;"
+        "from benchmarks.training import peak_memory;"
+        f"m, x, _ = instantiate(WORKLOADS[{workload!r}], torch.device('cpu'), batch={batch});"
+        "p = tb.from_module(m); k = tb.random.key(0);"
+        f"print(peak_memory(lambda: tb.predict(m, p, k, x, num_samples={samples},"
+        f" chunk_size={chunk}), torch.device('cpu')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+def _raiser(error: Exception) -> Callable[[], object]:
+    def run() -> object:
+        raise error
+
+    return run
