@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -109,8 +110,10 @@ def posteriors(
     model: nn.Module, x: torch.Tensor, num_samples: int
 ) -> dict[str, Callable[[], object]]:
     try:
-        import posteriors as ps
-        import torchopt
+        with warnings.catch_warnings():  # tensordict warns about its own future at import
+            warnings.simplefilter("ignore", FutureWarning)
+            import posteriors as ps
+            import torchopt
     except ImportError as error:
         return {"posteriors": _raiser(error)}
     params = {n: p.detach() for n, p in model.named_parameters()}

@@ -7,6 +7,7 @@ import math
 import resource
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -103,8 +104,10 @@ def posteriors_step(
     """posteriors 0.1.3 ``vi.diag`` update: its NELBO with a N(0, 1) prior, temperature 1/N."""
     name = "posteriors vi.diag update"
     try:
-        import posteriors as ps
-        import torchopt
+        with warnings.catch_warnings():  # tensordict warns about its own future at import
+            warnings.simplefilter("ignore", FutureWarning)
+            import posteriors as ps
+            import torchopt
     except ImportError as error:
         return {name: _raiser(error)}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}

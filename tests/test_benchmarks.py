@@ -1,0 +1,30 @@
+"""The scoreboard's quick mode runs, so the benchmark suite cannot rot (timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks.__main__ import main
+
+
+def test_quick_scoreboard(tmp_path):
+    with torch.random.fork_rng(devices=[]):  # the peers draw from the global RNG
+        report = main(
+            [
+                "--quick",
+                "--workloads",
+                "W1,W2",
+                "--sections",
+                "predict,sample,train",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 8
+    first = {r["name"]: r for r in saved["runs"][0]["results"]}
+    for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
+        assert first[name]["error"] is None and first[name]["median_s"] > 0
+    assert "| tb.predict |" in (tmp_path / "results.md").read_text()
