@@ -1,0 +1,74 @@
+"""The same contracts on a CUDA device (skipped without one; run on the lent GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import CUDA, data, mlp
+
+import tbfunc as tb
+from tbfunc import testing
+from tbfunc.module import hash32
+
+pytestmark = [CUDA, pytest.mark.cuda]
+KEY = tb.random.key(0)
+
+
+def test_normal_on_cuda():
+    out = tb.random.normal(KEY, (1000, 10), device="cuda", dtype=torch.float64)
+    assert out.device.type == "cuda" and out.dtype == torch.float64
+    assert torch.equal(out, tb.random.normal(KEY, (1000, 10), device="cuda", dtype=torch.float64))
+    testing.assert_moments(out.cpu(), 0.0, 1.0, fail_prob=1e-6)
+    testing.assert_normal(out.cpu(), 0.0, 1.0, fail_prob=1e-6)
+    keys = tb.random.split(KEY, 4)
+    loop = torch.stack([tb.random.normal(k, (7,), device="cuda") for k in keys])
+    assert torch.equal(torch.func.vmap(lambda k: tb.random.normal(k, (7,), device="cuda"))(keys), loop)
+    assert tb.random.normal(KEY, (5,), device="cuda", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_sampling_and_predict_on_cuda():
+    net = mlp((5, 32, 3)).cuda()
+    post = tb.from_module(net, sigma_scale=0.1)
+    many = tb.sample(post, KEY, num_samples=4)
+    assert all(v.device.type == "cuda" for v in many.values())
+    one = tb.sample(post, tb.random.split(KEY, 4)[3])
+    assert all(torch.equal(many[n][3], one[n]) for n in post)
+    drawn = tb.sample(post, KEY)
+    for name, node in post.items():
+        assert torch.equal(drawn[name], node.sample(tb.random.fold_in(KEY, hash32(name))))
+    x = data(6, 5).cuda()
+    loop = torch.stack([tb.functional_call(net, post, k, x) for k in tb.random.split(KEY, 8)])
+    for strategy in ("vmap", "loop", "auto"):
+        out = tb.predict(net, post, KEY, x, num_samples=8, strategy=strategy, chunk_size=3)
+        torch.testing.assert_close(out, loop, rtol=1e-4, atol=1e-5)
+
+
+def test_training_step_on_cuda():
+    net = mlp((5, 16, 3)).cuda()
+    post = tb.from_module(net)
+    opt = torch.optim.Adam(tb.parameters(post), lr=1e-2)
+    x, y = data(8, 5).cuda(), (torch.arange(8) % 3).cuda()
+    for strategy in ("vmap", "loop"):
+        loss = tb.nelbo(net, post, KEY, x, y, loss_fn=F.cross_entropy, num_data=100,
+                        num_samples=3, strategy=strategy)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert post["0.weight"].rho.grad.device.type == "cuda"
+    kl = tb.kl_divergence(post, tb.GaussianPrior(0.0, 0.5))
+    reference = sum(torch.distributions.kl_divergence(
+        node.distribution, torch.distributions.Normal(0.0, 0.5)).sum() for node in post.values())
+    torch.testing.assert_close(kl, reference)
+
+
+def test_compiled_on_cuda():
+    net = mlp((5, 16, 3)).cuda()
+    post = tb.from_module(net, sigma_scale=0.1)
+    x = data(4, 5).cuda()
+
+    def run(p, key):
+        return tb.functional_call(net, p, key, (x,))
+
+    compiled = torch.compile(run, fullgraph=True)
+    torch.testing.assert_close(compiled(post, KEY), run(post, KEY), rtol=1e-5, atol=1e-6)
