@@ -72,7 +72,7 @@ def instantiate(
     workload: Workload, device: torch.device, *, batch: int | None = None, scale: int = 1
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The model (eval mode, seeded init), an input batch and integer targets, on ``device``."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():
         torch.manual_seed(0)
         model = workload.build()
     model = model.to(device).eval()

@@ -44,7 +44,7 @@ def gaussian_nll(output: Tensor, target: Tensor) -> Tensor:
 
 
 def pretrain(x: Tensor, y: Tensor, steps: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):  # the model's init only: the global RNG is kept
+    with torch.random.fork_rng():  # the model's init only: the global RNG is kept
         torch.manual_seed(0)
         net = nn.Sequential(
             nn.Linear(1, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1)

@@ -231,14 +231,17 @@ def _sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = Non
     paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
     count = keys.shape[0]
     names = [".".join(str(part) for part in path) for path in paths]
-    leaf_keys = _leaf_keys(names, paths, keys)  # (L, S, 2)
+    # a lone node at the root is drawn with the keys themselves, every other node with
+    # fold_in(key, hash32(path))
+    hashes = None if paths == [()] else _hashes(names)
     drawn: list[Tensor | None] = [None] * len(leaves)
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, GAUSSIAN_FAMILIES):
             groups.setdefault((leaf.mu.dtype, leaf.mu.device), []).append(index)
         elif is_posterior(leaf):
-            drawn[index] = torch.stack([leaf.sample(k) for k in leaf_keys[index]])
+            node_keys = keys if hashes is None else random._fold_in(keys, _word(hashes[index]))
+            drawn[index] = torch.stack([leaf.sample(k) for k in node_keys])
         elif isinstance(leaf, Tensor):
             drawn[index] = leaf.expand(count, *leaf.shape)
         else:
@@ -251,54 +254,77 @@ def _sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = Non
     for (dtype, device), members in groups.items():
         nodes = [leaves[i] for i in members]
         scales = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
-        group_keys = leaf_keys[members].reshape(-1, 2)
-        draws = _draw_gaussians(nodes, scales, group_keys, count, dtype, device)
+        group_hashes = None if hashes is None else [hashes[i] for i in members]
+        draws = _draw_gaussians(nodes, scales, keys, group_hashes, dtype, device)
         for i, value in zip(members, draws, strict=True):
             drawn[i] = value
     return optree.tree_unflatten(spec, drawn)
 
 
-def _leaf_keys(names: list[str], paths: list[tuple[Any, ...]], keys: Tensor) -> Tensor:
-    """``(L, S, 2)`` keys: ``fold_in(keys[s], hash32(name_l))``; the root node uses ``keys``."""
-    if len(paths) == 1 and paths[0] == ():
-        return keys[None]
+def _hashes(names: list[str]) -> list[int]:
+    """``hash32`` of every path, refusing collisions (two nodes would share their noise)."""
     hashes = [hash32(name) for name in names]
     if len(set(hashes)) != len(hashes):
         _raise_collision(names, hashes)
-    data = torch.tensor(hashes, dtype=torch.int64, device=keys.device)[:, None]
-    return random._fold_in(keys[None, :, :], data)
+    return hashes
+
+
+def _word(value: int) -> Tensor:
+    return torch.tensor(value, dtype=torch.int64)
 
 
 def _draw_gaussians(
     nodes: list[Any],
     sigmas: list[Tensor],
     keys: Tensor,
-    count: int,
+    hashes: list[int] | None,
     dtype: torch.dtype,
     device: torch.device,
 ) -> list[Tensor]:
-    """``mu + sigma * eps`` with a leading axis ``count`` for each node; noise segment ``(l, s)``
-    is keyed by ``keys[l * count + s]``.
+    """``mu + sigma * eps`` with a leading axis ``S = len(keys)`` for each node; node ``l``'s
+    draw ``s`` uses ``fold_in(keys[s], hashes[l])`` (``keys[s]`` itself without hashes).
 
-    Plain eager code with nothing to differentiate writes ``mu + sigma * eps`` into each noise
-    segment right after drawing it, while it is in cache, and draws on every CPU thread; this
-    saves allocating and re-reading an S x P buffer. Under autograd, ``torch.func`` transforms
-    or ``torch.compile`` the noise comes from the ``tbfunc::normal`` op and the affine map is
-    out of place (inductor fuses it). Both give the same bits.
+    On the CPU, plain eager code with nothing to differentiate writes ``mu + sigma * eps`` into
+    each noise segment right after drawing it, while it is in cache, and draws on every CPU
+    thread; this saves allocating and re-reading an S x P buffer. Otherwise the noise comes from
+    the ``tbfunc::normal_folded`` op (which derives the per-node keys itself, on the GPU in the
+    kernel), and the affine map is in place when nothing records it, out of place under
+    autograd, ``torch.func`` transforms or ``torch.compile`` (inductor fuses it). All paths give
+    the same bits.
     """
-    numels = [node.mu.numel() for node in nodes for _ in range(count)]
-    sizes = [node.mu.numel() * count for node in nodes]
-    if torch.compiler.is_compiling() or _tracked(keys, *(node.mu for node in nodes), *sigmas):
-        eps = random.normal_segments(keys, numels, dtype, device).split(sizes)
-        if count == 1:  # no broadcast over the sample axis: its backward needs no reduction
-            return [
-                torch.addcmul(node.mu, sigma, noise.view(node.mu.shape))[None]
-                for node, sigma, noise in zip(nodes, sigmas, eps, strict=True)
-            ]
-        return [
-            torch.addcmul(node.mu, sigma, noise.view(count, *node.mu.shape))
-            for node, sigma, noise in zip(nodes, sigmas, eps, strict=True)
-        ]
+    count = keys.shape[0]
+    numels = [node.mu.numel() for node in nodes]
+    sizes = [numel * count for numel in numels]
+    untracked = not torch.compiler.is_compiling() and not _tracked(
+        keys, *(node.mu for node in nodes), *sigmas
+    )
+    if untracked and device.type == "cpu":
+        return _draw_fused_on_cpu(nodes, sigmas, keys, hashes, sizes, dtype, device)
+    if hashes is None:
+        noise_flat = random.normal_segments(keys, numels * count, dtype, device)
+    else:
+        noise_flat = random.normal_folded(keys, hashes, numels, dtype, device)
+    draws = []
+    for node, sigma, noise in zip(nodes, sigmas, noise_flat.split(sizes), strict=True):
+        # with one draw, no broadcast over the sample axis: its backward needs no reduction
+        noise = noise.view(node.mu.shape) if count == 1 else noise.view(count, *node.mu.shape)
+        value = torch.addcmul(node.mu, sigma, noise, out=noise if untracked else None)
+        draws.append(value[None] if count == 1 else value)
+    return draws
+
+
+def _draw_fused_on_cpu(
+    nodes: list[Any],
+    sigmas: list[Tensor],
+    keys: Tensor,
+    hashes: list[int] | None,
+    sizes: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[Tensor]:
+    """Write ``mu + sigma * eps`` into each noise segment right after drawing it (in cache)."""
+    count = keys.shape[0]
+    segment_keys = keys if hashes is None else random._fold_in(keys[None], _words(hashes))
     mus = [node.mu.reshape(-1) for node in nodes]
     flat_sigmas = [sigma.reshape(-1) for sigma in sigmas]
 
@@ -307,11 +333,16 @@ def _draw_gaussians(
         torch.addcmul(mus[leaf], flat_sigmas[leaf], segment, out=segment)
 
     out = torch.empty(sum(sizes), dtype=dtype, device=device)
-    random.fill_normal_(out, keys.tolist(), numels, finish)
+    numels = [node.mu.numel() for node in nodes for _ in range(count)]
+    random.fill_normal_(out, segment_keys.reshape(-1, 2).tolist(), numels, finish)
     return [
         chunk.view(count, *node.mu.shape)
         for node, chunk in zip(nodes, out.split(sizes), strict=True)
     ]
+
+
+def _words(hashes: list[int]) -> Tensor:
+    return torch.tensor(hashes, dtype=torch.int64)[:, None]
 
 
 def _tracked(*tensors: Tensor) -> bool:
@@ -347,11 +378,14 @@ def _vmapped_forward(module: nn.Module, weights: Any, args: Any, kwargs: Any) ->
     # The fused transformer-layer kernel, and on the CPU the flash-attention kernel, have no
     # batching rule: vmap would run them in a slow per-sample fallback. Their unfused versions
     # batch properly, so select those while vmapping.
+    # On CUDA the fused attention kernels batch in the forward, but the memory-efficient one's
+    # backward fails under vmap ("LSE is not correctly aligned"): training uses the math path.
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    on_cpu = all(w.device.type == "cpu" for w in optree.tree_leaves(weights))
+    leaves = optree.tree_leaves(weights)
+    unfused = all(w.device.type == "cpu" for w in leaves) or _tracked(*leaves)
     try:
-        with sdpa_kernel([SDPBackend.MATH]) if on_cpu else contextlib.nullcontext():
+        with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
             return torch.func.vmap(forward)(weights)
     except RuntimeError as error:
         raise RuntimeError(

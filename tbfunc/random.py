@@ -17,13 +17,14 @@ both words: two distinct keys share a stream with probability 2**-32.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -148,6 +149,18 @@ def normal_segments(
     return torch.ops.tbfunc.normal(keys, numels, dtype, device)
 
 
+def normal_folded(
+    keys: Tensor, hashes: list[int], numels: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Flat noise for ``len(hashes)`` nodes x ``len(keys)`` samples, node-major: segment
+    ``(l, s)``, ``numels[l]`` draws long, equals ``normal(fold_in(keys[s], hashes[l]), numels[l])``.
+
+    The op derives the per-segment keys itself (on GPUs inside the kernel), so callers need not
+    run Threefry for every (node, sample) pair. Internal: no argument checks.
+    """
+    return torch.ops.tbfunc.normal_folded(keys, hashes, numels, dtype, device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Threefry-2x32 on int64 tensors.
 
@@ -253,8 +266,12 @@ def fill_normal_(
     in cache (``module.sample`` writes ``mu + sigma * eps`` there). On the CPU, large fills are
     split into contiguous runs of segments drawn on ``torch.get_num_threads()`` threads: each
     segment has its own seed, so the result does not depend on the split, and PyTorch's
-    generator is single-threaded, so this is where the CPU's other cores help. Internal.
+    generator is single-threaded, so this is where the CPU's other cores help. On CUDA, one
+    Triton kernel draws all segments (``tbfunc._triton``) where Triton is installed and the
+    dtype is not float64; elsewhere each segment reseeds the device's generator. Internal.
     """
+    if _use_triton(out) and finish is None:
+        return _triton().fill_(out, torch.tensor(keys, dtype=torch.int64), numels)
     offsets = [0]
     for count in numels:
         offsets.append(offsets[-1] + count)
@@ -305,6 +322,20 @@ def _generator(device: torch.device) -> torch.Generator:
     return cache[device]
 
 
+def _use_triton(out: Tensor) -> bool:
+    return out.device.type == "cuda" and out.dtype != torch.float64 and _triton() is not None
+
+
+@functools.cache
+def _triton() -> Any:
+    """``tbfunc._triton``, or None where Triton is not installed (CPU builds of PyTorch)."""
+    try:
+        from tbfunc import _triton as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
 def _seed(word0: int, word1: int, device: torch.device) -> int:
     if device.type == "cpu":
         # The CPU Mersenne Twister keeps only the low 32 bits of a seed: mix both words in.
@@ -330,3 +361,32 @@ def _(info, in_dims, keys: Tensor, numels: list[int], dtype: torch.dtype, device
     size = batch.shape[0]
     flat = torch.ops.tbfunc.normal(batch.reshape(-1, 2), numels * size, dtype, device)
     return flat.view(size, -1), 0
+
+
+@torch.library.custom_op("tbfunc::normal_folded", mutates_args=())
+def _normal_folded_op(
+    keys: Tensor, hashes: list[int], numels: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    out = torch.empty(len(keys) * sum(numels), dtype=dtype, device=device)
+    if _use_triton(out):
+        return _triton().fill_(out, keys, numels, hashes)
+    data = torch.tensor(hashes, dtype=torch.int64)[:, None]
+    segment_keys = _fold_in(keys[None], data).reshape(-1, 2).tolist()
+    return fill_normal_(out, segment_keys, [n for n in numels for _ in range(len(keys))])
+
+
+@_normal_folded_op.register_fake
+def _(
+    keys: Tensor, hashes: list[int], numels: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    return torch.empty(keys.shape[0] * sum(numels), dtype=dtype, device=device)
+
+
+@_normal_folded_op.register_vmap
+def _(info, in_dims, keys, hashes, numels, dtype, device):
+    batch = keys.movedim(in_dims[0], 0)
+    size, samples = batch.shape[0], batch.shape[1]
+    flat = torch.ops.tbfunc.normal_folded(batch.reshape(-1, 2), hashes, numels, dtype, device)
+    # node-major over (batch, sample) -> per batch element, node-major over samples
+    per_node = flat.split([size * samples * n for n in numels])
+    return torch.cat([part.view(size, -1) for part in per_node], dim=1), 0

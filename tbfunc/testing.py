@@ -204,7 +204,7 @@ def _node(
 
 
 def _small_module(kind: str, seed: int, batch: int) -> tuple[nn.Module, dict[str, Any], Tensor]:
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         if kind == "mlp":
             module: nn.Module = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))

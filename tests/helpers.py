@@ -15,7 +15,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 def seeded(build, seed: int = 0):
     """Build a module with its default init drawn from a forked, seeded RNG (global RNG intact)."""
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
         return build()
 
@@ -42,7 +42,7 @@ def torchbayesian_twin(module: nn.Module, posterior: dict, prior: tuple | None =
     import copy
 
     bnn = pytest.importorskip("torchbayesian.bnn")
-    with torch.random.fork_rng(devices=[]):  # torchbayesian draws from the global RNG
+    with torch.random.fork_rng():  # torchbayesian draws from the global RNG
         twin = bnn.BayesianModule(
             copy.deepcopy(module), variational_posterior="pretrained_normal", prior=prior
         )

@@ -10,7 +10,7 @@ from benchmarks.__main__ import main
 
 
 def test_quick_scoreboard(tmp_path):
-    with torch.random.fork_rng(devices=[]):  # the peers draw from the global RNG
+    with torch.random.fork_rng():  # the peers draw from the global RNG
         report = main(
             [
                 "--quick",

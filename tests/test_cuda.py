@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CUDA, data, mlp
 
 import tbfunc as tb
+from helpers import CUDA, data, mlp
 from tbfunc import testing
 from tbfunc.module import hash32
 
@@ -23,7 +23,9 @@ def test_normal_on_cuda():
     testing.assert_normal(out.cpu(), 0.0, 1.0, fail_prob=1e-6)
     keys = tb.random.split(KEY, 4)
     loop = torch.stack([tb.random.normal(k, (7,), device="cuda") for k in keys])
-    assert torch.equal(torch.func.vmap(lambda k: tb.random.normal(k, (7,), device="cuda"))(keys), loop)
+    assert torch.equal(
+        torch.func.vmap(lambda k: tb.random.normal(k, (7,), device="cuda"))(keys), loop
+    )
     assert tb.random.normal(KEY, (5,), device="cuda", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
@@ -50,15 +52,28 @@ def test_training_step_on_cuda():
     opt = torch.optim.Adam(tb.parameters(post), lr=1e-2)
     x, y = data(8, 5).cuda(), (torch.arange(8) % 3).cuda()
     for strategy in ("vmap", "loop"):
-        loss = tb.nelbo(net, post, KEY, x, y, loss_fn=F.cross_entropy, num_data=100,
-                        num_samples=3, strategy=strategy)
+        loss = tb.nelbo(
+            net,
+            post,
+            KEY,
+            x,
+            y,
+            loss_fn=F.cross_entropy,
+            num_data=100,
+            num_samples=3,
+            strategy=strategy,
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
         assert post["0.weight"].rho.grad.device.type == "cuda"
     kl = tb.kl_divergence(post, tb.GaussianPrior(0.0, 0.5))
-    reference = sum(torch.distributions.kl_divergence(
-        node.distribution, torch.distributions.Normal(0.0, 0.5)).sum() for node in post.values())
+    reference = sum(
+        torch.distributions.kl_divergence(
+            node.distribution, torch.distributions.Normal(0.0, 0.5)
+        ).sum()
+        for node in post.values()
+    )
     torch.testing.assert_close(kl, reference)
 
 
@@ -72,3 +87,23 @@ def test_compiled_on_cuda():
 
     compiled = torch.compile(run, fullgraph=True)
     torch.testing.assert_close(compiled(post, KEY), run(post, KEY), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_derives_the_same_keys_as_the_host():
+    """On CUDA one kernel draws every segment and runs fold_in itself: the bits must equal
+    drawing each segment alone with the key the host derives."""
+    from tbfunc.random import normal_folded
+
+    keys = tb.random.split(KEY, 3)
+    hashes, numels = [5, 2**32 - 1, 77], [3000, 20, 1]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        flat = normal_folded(keys, hashes, numels, dtype, torch.device("cuda"))
+        expected = torch.cat(
+            [
+                tb.random.normal(tb.random.fold_in(k, h), (n,), device="cuda", dtype=dtype)
+                for h, n in zip(hashes, numels, strict=True)
+                for k in keys
+            ]
+        )
+        assert torch.equal(flat, expected), dtype
+    testing.assert_independent(flat[:3000].cpu(), flat[3000:6000].cpu())

@@ -84,6 +84,22 @@ def test_num_samples_equals_split_keys():
     assert all(many[n].shape == (5, *post[n].mu.shape) for n in post)
 
 
+def test_fused_and_autograd_paths_draw_the_same_bits():
+    """Without gradients the CPU writes mu + sigma * eps while drawing; with them the op path
+    runs: the draws must not depend on which one ran."""
+    post = tb.from_module(mlp(), sigma_scale=0.1)
+    plain = tb.sample(post, KEY, num_samples=3)
+    tracked = {
+        n: tb.PretrainedGaussianPosterior(p.mu.clone().requires_grad_(), p.rho)
+        for n, p in post.items()
+    }
+    for num_samples in (3, None):
+        recorded = tb.sample(tracked, KEY, num_samples=num_samples)
+        reference = plain if num_samples else tb.sample(post, KEY)
+        assert all(recorded[n].requires_grad for n in post)
+        assert all(torch.equal(recorded[n].detach(), reference[n]) for n in post)
+
+
 def test_node_noise_is_keyed_by_its_path():
     post = tb.from_module(mlp((5, 6, 7, 3)))
     drawn = tb.sample(post, KEY)

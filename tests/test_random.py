@@ -200,3 +200,28 @@ def test_python_and_tensor_threefry_agree(key, data, num):
     counter = torch.arange(num)
     y0, y1 = _threefry2x32(key[0:1], key[1:2], torch.zeros_like(counter), counter)
     assert r._split(key, num).tolist() == torch.stack((y0, y1), -1).tolist()
+
+
+def test_normal_folded_segments_and_vmap():
+    """The op behind tb.sample: node-major segments keyed by fold_in(keys[s], hashes[l])."""
+    from tbfunc.random import normal_folded
+
+    keys = tb.random.split(tb.random.key(4), 3)
+    hashes, numels = [5, 2**32 - 1, 77], [4, 20, 1]
+    flat = normal_folded(keys, hashes, numels, torch.float32, torch.device("cpu"))
+    expected = torch.cat(
+        [
+            tb.random.normal(tb.random.fold_in(k, h), (n,))
+            for h, n in zip(hashes, numels, strict=True)
+            for k in keys
+        ]
+    )
+    assert torch.equal(flat, expected)
+    batches = tb.random.split(tb.random.key(5), 6).reshape(2, 3, 2)
+    vmapped = torch.func.vmap(
+        lambda k: normal_folded(k, hashes, numels, torch.float32, torch.device("cpu"))
+    )(batches)
+    loop = torch.stack(
+        [normal_folded(k, hashes, numels, torch.float32, torch.device("cpu")) for k in batches]
+    )
+    assert torch.equal(vmapped, loop)
