@@ -24,12 +24,19 @@ from torch import Tensor
 BLOCK = 1024
 
 
-def fill_(out: Tensor, keys: Tensor, numels: list[int], hashes: list[int] | None = None) -> Tensor:
+def fill_(
+    out: Tensor,
+    keys: Tensor,
+    numels: list[int],
+    hashes: list[int] | None = None,
+    affine: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Fill the flat ``out`` with noise.
 
     Without ``hashes``: segment ``t`` (``numels[t]`` long, in order) is keyed by ``keys[t]``.
     With ``hashes``: leaf-major segments ``(l, s)`` of ``numels[l]`` draws, keyed by
-    ``fold_in(keys[s], hashes[l])``.
+    ``fold_in(keys[s], hashes[l])``. With ``affine = (mu, sigma)``, flat node-major buffers of
+    ``sum(numels)`` entries, it writes ``mu + sigma * noise`` instead of the noise: one pass.
     """
     fold = hashes is not None
     samples = len(keys) if fold else 1
@@ -46,8 +53,20 @@ def fill_(out: Tensor, keys: Tensor, numels: list[int], hashes: list[int] | None
     table = torch.cat([keys.reshape(-1).to(torch.int64), table]).to(out.device)
     total = first_block[-1]
     steps = max(1, math.ceil(math.log2(leaves + 1)))
+    mu, sigma = affine if affine is not None else (out, out)
     _normal_segments[(samples * total,)](
-        out, table, 2 * len(keys), leaves, total, FOLD=fold, STEPS=steps, BLOCK=BLOCK
+        out,
+        table,
+        mu,
+        sigma,
+        2 * len(keys),
+        leaves,
+        samples,
+        total,
+        FOLD=fold,
+        AFFINE=affine is not None,
+        STEPS=steps,
+        BLOCK=BLOCK,
     )
     return out
 
@@ -91,10 +110,14 @@ def _threefry_fold(k0, k1, data):
 def _normal_segments(
     out_ptr,
     table_ptr,
+    mu_ptr,
+    sigma_ptr,
     key_words,
     leaves,
+    samples,
     total_blocks,
     FOLD: tl.constexpr,
+    AFFINE: tl.constexpr,
     STEPS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -112,7 +135,8 @@ def _normal_segments(
         high = tl.where(below, high, middle)
     leaf = low
     size = tl.load(rows + leaves + leaf)
-    start = tl.load(rows + 2 * leaves + leaf) + sample * size
+    leaf_start = tl.load(rows + 2 * leaves + leaf)
+    start = leaf_start + sample * size
     index = (block - tl.load(rows + 3 * leaves + leaf)) * BLOCK + tl.arange(0, BLOCK)
     if FOLD:
         k0 = tl.load(table_ptr + 2 * sample).to(tl.uint32)
@@ -123,4 +147,9 @@ def _normal_segments(
         w1 = tl.load(table_ptr + 2 * leaf + 1).to(tl.uint32)
     seed = (w0.to(tl.uint64) << 32) | w1.to(tl.uint64)
     noise = tl.randn(seed, index.to(tl.int32))
-    tl.store(out_ptr + start + index, noise.to(out_ptr.dtype.element_ty), mask=index < size)
+    inside = index < size
+    if AFFINE:  # node l's parameters start at leaf_start / samples in the flat mu and sigma
+        param = leaf_start // samples + index
+        mu = tl.load(mu_ptr + param, mask=inside).to(tl.float32)
+        noise = mu + tl.load(sigma_ptr + param, mask=inside).to(tl.float32) * noise
+    tl.store(out_ptr + start + index, noise.to(out_ptr.dtype.element_ty), mask=inside)

@@ -286,7 +286,8 @@ def _draw_gaussians(
 
     On the CPU, plain eager code with nothing to differentiate writes ``mu + sigma * eps`` into
     each noise segment right after drawing it, while it is in cache, and draws on every CPU
-    thread; this saves allocating and re-reading an S x P buffer. Otherwise the noise comes from
+    thread; this saves allocating and re-reading an S x P buffer. On GPUs with Triton the same
+    code draws and applies the affine map in one kernel. Otherwise the noise comes from
     the ``tbfunc::normal_folded`` op (which derives the per-node keys itself, on the GPU in the
     kernel), and the affine map is in place when nothing records it, out of place under
     autograd, ``torch.func`` transforms or ``torch.compile`` (inductor fuses it). All paths give
@@ -300,6 +301,13 @@ def _draw_gaussians(
     )
     if untracked and device.type == "cpu":
         return _draw_fused_on_cpu(nodes, sigmas, keys, hashes, sizes, dtype, device)
+    if untracked and hashes is not None:
+        fused = random.affine_folded(keys, hashes, [node.mu for node in nodes], sigmas)
+        if fused is not None:
+            return [
+                chunk.view(count, *node.mu.shape)
+                for node, chunk in zip(nodes, fused.split(sizes), strict=True)
+            ]
     if hashes is None:
         noise_flat = random.normal_segments(keys, numels * count, dtype, device)
     else:

@@ -161,6 +161,26 @@ def normal_folded(
     return torch.ops.tbfunc.normal_folded(keys, hashes, numels, dtype, device)
 
 
+def affine_folded(
+    keys: Tensor, hashes: list[int], mus: list[Tensor], sigmas: list[Tensor]
+) -> Tensor | None:
+    """``mu_l + sigma_l * normal_folded(...)`` segments in one kernel, or None where no fused
+    kernel serves the device (then use ``normal_folded`` and an ``addcmul``).
+
+    Eager and untracked only: it is no op, so neither autograd nor transforms see through it.
+    Saves a read and a write of the S x P buffer on GPUs. Internal: no argument checks.
+    """
+    out = torch.empty(
+        len(keys) * sum(m.numel() for m in mus), dtype=mus[0].dtype, device=mus[0].device
+    )
+    if not _use_triton(out):
+        return None
+    flat_mu = torch.cat([m.reshape(-1) for m in mus])
+    flat_sigma = torch.cat([s.reshape(-1) for s in sigmas])
+    numels = [m.numel() for m in mus]
+    return _triton().fill_(out, keys, numels, hashes, affine=(flat_mu, flat_sigma))
+
+
 # ----------------------------------------------------------------------------------------------
 # Threefry-2x32 on int64 tensors.
 
