@@ -35,43 +35,30 @@ def contenders(
 def deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
     """The floor: the base model's own step (no sampling, no KL)."""
     net = copy.deepcopy(model)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
-
-    def step() -> object:
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
-    return step
+    return _adam_step(list(net.parameters()), lambda: F.cross_entropy(net(x), y))
 
 
 def tbfunc_step(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
 ) -> Callable[[], object]:
     posterior = tb.from_module(model, rho=RHO)
-    opt = torch.optim.Adam(tb.parameters(posterior), lr=1e-4)
     counter = iter(range(10**9))
     key = tb.random.key(0)
 
-    def step() -> object:
-        loss = tb.nelbo(
+    def loss() -> torch.Tensor:
+        step_key = tb.random.fold_in(key, next(counter))
+        return tb.nelbo(
             model,
             posterior,
-            tb.random.fold_in(key, next(counter)),
+            step_key,
             x,
             y,
             loss_fn=F.cross_entropy,
             num_data=NUM_DATA,
             num_samples=num_samples,
         )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
 
-    return step
+    return _adam_step(tb.parameters(posterior), loss)
 
 
 def torchbayesian_step(
@@ -85,17 +72,12 @@ def torchbayesian_step(
         return {name: _raiser(error)}
     net = bnn.BayesianModule(copy.deepcopy(model), variational_posterior="pretrained_normal")
     net = net.to(x.device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
 
-    def step() -> object:
+    def loss() -> torch.Tensor:
         nll = sum(F.cross_entropy(net(x), y) for _ in range(num_samples)) / num_samples
-        loss = nll + net.kl_divergence() / NUM_DATA
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
+        return nll + net.kl_divergence() / NUM_DATA
 
-    return {name: step}
+    return {name: _adam_step(list(net.parameters()), loss)}
 
 
 def posteriors_step(
@@ -164,6 +146,22 @@ def peak_memory_in_child(workload: str, chunk: int | None, samples: int, batch: 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
+
+
+def _adam_step(
+    params: list[torch.Tensor], loss: Callable[[], torch.Tensor]
+) -> Callable[[], object]:
+    """One Adam step on ``loss()``: the same optimizer and settings for every contender."""
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step() -> object:
+        value = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        return value
+
+    return step
 
 
 def _raiser(error: Exception) -> Callable[[], object]:
