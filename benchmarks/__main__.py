@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sections = set(args.sections.split(","))
     report: dict[str, object] = {"machine": _machine(devices), "runs": []}
     markdown = [f"# tbfunc scoreboard\n\n{_describe(report['machine'])}\n"]
-    for device in map(torch.device, devices):
+    for device in devices:
         for name in args.workloads.split(","):
             workload = WORKLOADS[name]
             samples = args.samples or workload.num_samples
@@ -154,7 +154,7 @@ def _memory(report, workload, model, x, samples, device, title) -> str:
     return f"## {title}: predict peak memory\n\n" + table(rows, list(rows[0]))
 
 
-def _machine(devices: list[str]) -> dict[str, object]:
+def _machine(devices: list[torch.device]) -> dict[str, object]:
     info: dict[str, object] = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
@@ -162,7 +162,7 @@ def _machine(devices: list[str]) -> dict[str, object]:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    if "cuda" in devices:
+    if any(device.type == "cuda" for device in devices):
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
