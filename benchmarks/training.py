@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-import resource
+import os
 import subprocess
 import sys
 import warnings
@@ -118,9 +118,9 @@ def posteriors_step(
 def peak_memory(run: Callable[[], object], device: torch.device) -> int:
     """Bytes allocated at the peak of ``run`` above what was held before it.
 
-    On CUDA from the caching allocator's statistics; on the CPU from the process's peak resident
-    set (``ru_maxrss``), so call it in a fresh process for each measurement (``--sections
-    memory`` does) or a larger earlier peak hides this one.
+    On CUDA from the caching allocator's statistics; on the CPU (Linux) from the peak resident
+    set, reset just before ``run``; call it in a fresh process (``peak_memory_in_child``), where
+    no memory freed earlier sits in the allocator's free lists.
     """
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -129,9 +129,24 @@ def peak_memory(run: Callable[[], object], device: torch.device) -> int:
         run()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _reset_peak_rss()
+    before = _rss_kib("VmRSS")
     run()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    return (_rss_kib("VmHWM") - before) * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the peak resident set (VmHWM) to the current one."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_memory_in_child(workload: str, chunk: int | None, samples: int, batch: int | None) -> int:
@@ -144,7 +159,11 @@ def peak_memory_in_child(workload: str, chunk: int | None, samples: int, batch: 
         f"print(peak_memory(lambda: tb.predict(m, p, k, x, num_samples={samples},"
         f" chunk_size={chunk}), torch.device('cpu')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # large blocks straight from mmap, so freed memory leaves the resident set and the peak
+    # resident set measures what predict itself holds
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     return int(out.stdout.split()[-1])
 
 
