@@ -162,8 +162,9 @@ def peak_memory_in_child(workload: str, chunk: int | None, samples: int, batch: 
     # large blocks straight from mmap, so freed memory leaves the resident set and the peak
     # resident set measures what predict itself holds
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     return int(out.stdout.split()[-1])
 
 
