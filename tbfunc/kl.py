@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, fail
-from tbfunc.module import _sample_many
+from tbfunc._sampling import sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior, LaplacePrior, _check_positive, is_prior
 
@@ -78,7 +78,7 @@ def kl_divergence(
                 stacklevel=2,
             )
         assert key is not None and count is not None
-        draws = _sample_many(posterior, random._split(key, count))
+        draws = sample_many(posterior, random._split(key, count))
         total = kl_from_draws(posterior, prior, draws)
     elif not all(exact):
         kinds = sorted(

@@ -17,14 +17,9 @@ from torch import Tensor, nn
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc._sampling import sample_many
 from tbfunc.kl import closed_form_kl, has_closed_form, kl_from_draws
-from tbfunc.module import (
-    Strategy,
-    _check_matches,
-    _index,
-    _sample_many,
-    _vmapped_forward,
-)
+from tbfunc.module import Strategy, _check_matches, _index, _vmapped_forward
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior
 
@@ -93,7 +88,7 @@ def nelbo(
     # softplus(rho) once per node, shared by the draws and the closed-form KL
     leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
-    draws = _sample_many(posterior, random._split(key, count), sigmas)
+    draws = sample_many(posterior, random._split(key, count), sigmas)
     if strategy == "auto":
         on_cpu = all(leaf.device.type == "cpu" for leaf in optree.tree_leaves(draws))
         strategy = "loop" if on_cpu or count == 1 else "vmap"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import tbfunc as tb
 from helpers import CUDA, data, mlp
 from tbfunc import testing
-from tbfunc.module import hash32
+from tbfunc._sampling import hash32
 
 pytestmark = [CUDA, pytest.mark.cuda]
 KEY = tb.random.key(0)

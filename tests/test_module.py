@@ -10,7 +10,7 @@ from torch import nn
 
 import tbfunc as tb
 from helpers import data, mlp, seeded
-from tbfunc.module import hash32
+from tbfunc._sampling import hash32
 
 KEY = tb.random.key(0)
 

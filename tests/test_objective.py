@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import tbfunc as tb
 from helpers import data, mlp, seeded, torchbayesian_twin
-from tbfunc.module import hash32
+from tbfunc._sampling import hash32
 
 KEY = tb.random.key(0)
 

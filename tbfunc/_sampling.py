@@ -1,0 +1,178 @@
+"""Drawing a posterior tree: path-keyed noise for every node, all in one op call.
+
+Node ``l`` at path ``p`` is drawn with ``fold_in(key, hash32(p))``, so adding, removing or
+reordering other nodes never changes its noise. The Gaussian nodes of one dtype and device are
+drawn together, and ``mu + sigma * eps`` is fused into the noise buffer where autograd allows.
+Internal: the public entry points are ``tbfunc.sample`` and ``tbfunc.predict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+from torch import Tensor
+
+from tbfunc import random
+from tbfunc._checks import fail
+from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
+
+__all__ = ["hash32", "sample_many", "tracked"]
+
+
+def hash32(path: str) -> int:
+    """FNV-1a over the code points of ``path``: plain Python, so ``torch.compile`` traces it
+    (``zlib.crc32`` breaks ``fullgraph=True``)."""
+    value = 0x811C9DC5
+    for char in path:
+        value = ((value ^ ord(char)) * 0x01000193) & 0xFFFFFFFF
+    return value
+
+
+def sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None) -> Any:
+    """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis.
+
+    ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)`` already computed.
+    """
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
+    count = keys.shape[0]
+    names = [".".join(str(part) for part in path) for path in paths]
+    # a lone node at the root is drawn with the keys themselves, every other node with
+    # fold_in(key, hash32(path))
+    hashes = None if paths == [()] else _hashes(names)
+    drawn: list[Tensor | None] = [None] * len(leaves)
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, GAUSSIAN_FAMILIES):
+            groups.setdefault((leaf.mu.dtype, leaf.mu.device), []).append(index)
+        elif is_posterior(leaf):
+            node_keys = keys if hashes is None else random._fold_in(keys, _word(hashes[index]))
+            drawn[index] = torch.stack([leaf.sample(k) for k in node_keys])
+        elif isinstance(leaf, Tensor):
+            drawn[index] = leaf.expand(count, *leaf.shape)
+        else:
+            fail(
+                f"posterior leaf {names[index]!r}",
+                "a posterior node or a tensor",
+                leaf,
+                error=TypeError,
+            )
+    for (dtype, device), members in groups.items():
+        nodes = [leaves[i] for i in members]
+        scales = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
+        group_hashes = None if hashes is None else [hashes[i] for i in members]
+        draws = _draw_gaussians(nodes, scales, keys, group_hashes, dtype, device)
+        for i, value in zip(members, draws, strict=True):
+            drawn[i] = value
+    return optree.tree_unflatten(spec, drawn)
+
+
+def _hashes(names: list[str]) -> list[int]:
+    """``hash32`` of every path, refusing collisions (two nodes would share their noise)."""
+    hashes = [hash32(name) for name in names]
+    if len(set(hashes)) != len(hashes):
+        _raise_collision(names, hashes)
+    return hashes
+
+
+def _word(value: int) -> Tensor:
+    return torch.tensor(value, dtype=torch.int64)
+
+
+def _draw_gaussians(
+    nodes: list[Any],
+    sigmas: list[Tensor],
+    keys: Tensor,
+    hashes: list[int] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[Tensor]:
+    """``mu + sigma * eps`` with a leading axis ``S = len(keys)`` for each node; node ``l``'s
+    draw ``s`` uses ``fold_in(keys[s], hashes[l])`` (``keys[s]`` itself without hashes).
+
+    On the CPU, plain eager code with nothing to differentiate writes ``mu + sigma * eps`` into
+    each noise segment right after drawing it, while it is in cache, and draws on every CPU
+    thread; this saves allocating and re-reading an S x P buffer. On GPUs with Triton the same
+    code draws and applies the affine map in one kernel. Otherwise the noise comes from
+    the ``tbfunc::normal_folded`` op (which derives the per-node keys itself, on the GPU in the
+    kernel), and the affine map is in place when nothing records it, out of place under
+    autograd, ``torch.func`` transforms or ``torch.compile`` (inductor fuses it). All paths give
+    the same bits.
+    """
+    count = keys.shape[0]
+    numels = [node.mu.numel() for node in nodes]
+    sizes = [numel * count for numel in numels]
+    untracked = not torch.compiler.is_compiling() and not tracked(
+        keys, *(node.mu for node in nodes), *sigmas
+    )
+    if untracked and device.type == "cpu":
+        return _draw_fused_on_cpu(nodes, sigmas, keys, hashes, sizes, dtype, device)
+    if untracked and hashes is not None:
+        fused = random.affine_folded(keys, hashes, [node.mu for node in nodes], sigmas)
+        if fused is not None:
+            return [
+                chunk.view(count, *node.mu.shape)
+                for node, chunk in zip(nodes, fused.split(sizes), strict=True)
+            ]
+    if hashes is None:
+        noise_flat = random.normal_segments(keys, numels * count, dtype, device)
+    else:
+        noise_flat = random.normal_folded(keys, hashes, numels, dtype, device)
+    draws = []
+    for node, sigma, noise in zip(nodes, sigmas, noise_flat.split(sizes), strict=True):
+        # with one draw, no broadcast over the sample axis: its backward needs no reduction
+        noise = noise.view(node.mu.shape) if count == 1 else noise.view(count, *node.mu.shape)
+        value = torch.addcmul(node.mu, sigma, noise, out=noise if untracked else None)
+        draws.append(value[None] if count == 1 else value)
+    return draws
+
+
+def _draw_fused_on_cpu(
+    nodes: list[Any],
+    sigmas: list[Tensor],
+    keys: Tensor,
+    hashes: list[int] | None,
+    sizes: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[Tensor]:
+    """Write ``mu + sigma * eps`` into each noise segment right after drawing it (in cache)."""
+    count = keys.shape[0]
+    segment_keys = keys if hashes is None else random._fold_in(keys[None], _words(hashes))
+    mus = [node.mu.reshape(-1) for node in nodes]
+    flat_sigmas = [sigma.reshape(-1) for sigma in sigmas]
+
+    def finish(index: int, segment: Tensor) -> None:
+        leaf = index // count
+        torch.addcmul(mus[leaf], flat_sigmas[leaf], segment, out=segment)
+
+    out = torch.empty(sum(sizes), dtype=dtype, device=device)
+    numels = [node.mu.numel() for node in nodes for _ in range(count)]
+    random.fill_normal_(out, segment_keys.reshape(-1, 2).tolist(), numels, finish)
+    return [
+        chunk.view(count, *node.mu.shape)
+        for node, chunk in zip(nodes, out.split(sizes), strict=True)
+    ]
+
+
+def _words(hashes: list[int]) -> Tensor:
+    return torch.tensor(hashes, dtype=torch.int64)[:, None]
+
+
+def tracked(*tensors: Tensor) -> bool:
+    """Whether autograd or a ``torch.func`` transform records operations on ``tensors``."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _raise_collision(names: list[str], hashes: list[int]) -> None:
+    seen: dict[int, str] = {}
+    for name, value in zip(names, hashes, strict=True):
+        if value in seen:
+            raise ValueError(
+                f"posterior paths {seen[value]!r} and {name!r} hash to the same 32-bit value, "
+                "so they would share noise; rename one of them."
+            )
+        seen[value] = name
