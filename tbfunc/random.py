@@ -6,9 +6,12 @@ derived with Threefry-2x32 (20 rounds; Salmon et al. 2011, "Parallel random numb
 ``fold_in`` work under ``vmap``, ``grad`` and ``torch.compile`` and match JAX's default
 (``threefry_partitionable``) keys bit for bit.
 
-Bulk noise is drawn by seeding the target device's native generator from the key inside the
-custom op ``tbfunc::normal``, which has a vmap rule (one segment per key) and a fake kernel, so
-transforms and the compiler see an ordinary op. The global RNG is never read nor advanced.
+Bulk noise comes from two custom ops with vmap rules and fake kernels, so transforms and the
+compiler see ordinary ops: ``tbfunc::normal`` (one segment per key) and ``tbfunc::normal_folded``
+(a segment per node and sample, keyed by ``fold_in(key, hash)``, which whole-model sampling
+uses). On the CPU each segment reseeds PyTorch's generator, segments spread over the CPU
+threads; on CUDA one Triton kernel draws every segment (``tbfunc._triton``), with the
+generator as the fallback. The global RNG is never read nor advanced.
 
 Seeding: on CUDA (Philox) the seed is the full 64-bit key. PyTorch's CPU Mersenne Twister only
 takes a 32-bit seed, so on the CPU a key selects one of 2**32 streams through a bijective mix of
@@ -170,11 +173,11 @@ def affine_folded(
     Eager and untracked only: it is no op, so neither autograd nor transforms see through it.
     Saves a read and a write of the S x P buffer on GPUs. Internal: no argument checks.
     """
+    if not _use_triton(mus[0].device, mus[0].dtype):
+        return None
     out = torch.empty(
         len(keys) * sum(m.numel() for m in mus), dtype=mus[0].dtype, device=mus[0].device
     )
-    if not _use_triton(out):
-        return None
     flat_mu = torch.cat([m.reshape(-1) for m in mus])
     flat_sigma = torch.cat([s.reshape(-1) for s in sigmas])
     numels = [m.numel() for m in mus]
@@ -290,7 +293,7 @@ def fill_normal_(
     Triton kernel draws all segments (``tbfunc._triton``) where Triton is installed and the
     dtype is not float64; elsewhere each segment reseeds the device's generator. Internal.
     """
-    if _use_triton(out) and finish is None:
+    if _use_triton(out.device, out.dtype) and finish is None:
         return _triton().fill_(out, torch.tensor(keys, dtype=torch.int64), numels)
     offsets = [0]
     for count in numels:
@@ -342,8 +345,8 @@ def _generator(device: torch.device) -> torch.Generator:
     return cache[device]
 
 
-def _use_triton(out: Tensor) -> bool:
-    return out.device.type == "cuda" and out.dtype != torch.float64 and _triton() is not None
+def _use_triton(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype != torch.float64 and _triton() is not None
 
 
 @functools.cache
@@ -388,7 +391,7 @@ def _normal_folded_op(
     keys: Tensor, hashes: list[int], numels: list[int], dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     out = torch.empty(len(keys) * sum(numels), dtype=dtype, device=device)
-    if _use_triton(out):
+    if _use_triton(out.device, out.dtype):
         return _triton().fill_(out, keys, numels, hashes)
     data = torch.tensor(hashes, dtype=torch.int64)[:, None]
     segment_keys = _fold_in(keys[None], data).reshape(-1, 2).tolist()
