@@ -47,7 +47,7 @@ def sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None
         if isinstance(leaf, GAUSSIAN_FAMILIES):
             groups.setdefault((leaf.mu.dtype, leaf.mu.device), []).append(index)
         elif is_posterior(leaf):
-            node_keys = keys if hashes is None else random._fold_in(keys, _word(hashes[index]))
+            node_keys = keys if hashes is None else random._fold_in_hashes(keys, [hashes[index]])[0]
             drawn[index] = torch.stack([leaf.sample(k) for k in node_keys])
         elif isinstance(leaf, Tensor):
             drawn[index] = leaf.expand(count, *leaf.shape)
@@ -74,10 +74,6 @@ def _hashes(names: list[str]) -> list[int]:
     if len(set(hashes)) != len(hashes):
         _raise_collision(names, hashes)
     return hashes
-
-
-def _word(value: int) -> Tensor:
-    return torch.tensor(value, dtype=torch.int64)
 
 
 def _draw_gaussians(
@@ -139,7 +135,7 @@ def _draw_fused_on_cpu(
 ) -> list[Tensor]:
     """Write ``mu + sigma * eps`` into each noise segment right after drawing it (in cache)."""
     count = keys.shape[0]
-    segment_keys = keys if hashes is None else random._fold_in(keys[None], _words(hashes))
+    segment_keys = keys if hashes is None else random._fold_in_hashes(keys, hashes)
     mus = [node.mu.reshape(-1) for node in nodes]
     flat_sigmas = [sigma.reshape(-1) for sigma in sigmas]
 
@@ -154,10 +150,6 @@ def _draw_fused_on_cpu(
         chunk.view(count, *node.mu.shape)
         for node, chunk in zip(nodes, out.split(sizes), strict=True)
     ]
-
-
-def _words(hashes: list[int]) -> Tensor:
-    return torch.tensor(hashes, dtype=torch.int64)[:, None]
 
 
 def tracked(*tensors: Tensor) -> bool:

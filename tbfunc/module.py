@@ -207,7 +207,7 @@ def choose_strategy(module: nn.Module, posterior: dict[str, Any]) -> Literal["vm
 
 
 def _path_key(key: Tensor, name: str) -> Tensor:
-    return random._fold_in(key, torch.tensor(hash32(name), dtype=torch.int64))
+    return random._fold_in_hashes(key, [hash32(name)])[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -234,6 +234,12 @@ def _fold_in(keys: Tensor, data: Tensor) -> Tensor:
     return torch.stack((x0, x1), dim=-1)
 
 
+def _fold_in_hashes(keys: Tensor, hashes: list[int]) -> Tensor:
+    """``(L, *keys.shape)``: ``fold_in(keys, hashes[l])`` for every hash, in one Threefry call."""
+    data = torch.tensor(hashes, dtype=torch.int64).view(-1, *([1] * (keys.dim() - 1)))
+    return _fold_in(keys[None], data)
+
+
 def _few_plain_words(keys: Tensor, count: int) -> bool:
     """Whether the Python-int path is the faster one and allowed: eager, untransformed CPU keys."""
     return (
@@ -393,8 +399,7 @@ def _normal_folded_op(
     out = torch.empty(len(keys) * sum(numels), dtype=dtype, device=device)
     if _use_triton(out.device, out.dtype):
         return _triton().fill_(out, keys, numels, hashes)
-    data = torch.tensor(hashes, dtype=torch.int64)[:, None]
-    segment_keys = _fold_in(keys[None], data).reshape(-1, 2).tolist()
+    segment_keys = _fold_in_hashes(keys, hashes).reshape(-1, 2).tolist()
     return fill_normal_(out, segment_keys, [n for n in numels for _ in range(len(keys))])
 
 
