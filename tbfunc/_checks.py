@@ -19,7 +19,11 @@ __all__ = [
     "check_tensor",
     "describe",
     "fail",
+    "is_wrapped",
 ]
+
+
+_MAKE_KEY = "Make one with tb.random.key(seed)."
 
 
 def describe(value: Any) -> str:
@@ -39,12 +43,31 @@ def fail(arg: str, expected: str, value: Any, hint: str = "", error: type = Valu
 
 
 def check_key(key: Any, arg: str = "key") -> Tensor:
-    """A key is an int64 tensor of logical shape (2,) on the CPU (see ``tb.random.key``)."""
+    """A key: an integer tensor of shape (2,) whose two words lie in ``[0, 2**32)``.
+
+    ``int64`` keys are returned as they are; ``uint32`` keys (e.g. converted from JAX's
+    ``jax.random.key_data``) are widened to ``int64``. Words outside ``[0, 2**32)`` are an error,
+    not silently masked; the values are checked in eager mode only (under ``vmap`` or
+    ``torch.compile`` reading them would be data-dependent control flow).
+    """
     if not isinstance(key, Tensor):
         fail(arg, "a key tensor", key, "Make one with tb.random.key(seed).", TypeError)
-    if key.dtype != torch.int64 or key.shape != (2,):
-        fail(arg, "an int64 tensor of shape (2,)", key, "Make one with tb.random.key(seed).")
+    if key.dtype not in (torch.int64, torch.uint32) or key.shape != (2,):
+        fail(arg, "an int64 or uint32 tensor of shape (2,)", key, _MAKE_KEY)
+    if key.dtype == torch.uint32:
+        return key.to(torch.int64)
+    if not torch.compiler.is_compiling() and not is_wrapped(key):
+        low, high = key.tolist()
+        if not (0 <= low < 2**32 and 0 <= high < 2**32):
+            raise ValueError(
+                f"{arg} words must lie in [0, 2**32), got [{low}, {high}]. {_MAKE_KEY}"
+            )
     return key
+
+
+def is_wrapped(tensor: Tensor) -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad) wraps ``tensor``: its values are unknown."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def check_positive_int(value: Any, arg: str) -> int:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from tbfunc import random
-from tbfunc._checks import fail
-from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
+from tbfunc._checks import fail, is_wrapped
+from tbfunc.posterior import GAUSSIAN_FAMILIES, check_node, is_posterior
 
-__all__ = ["hash32", "sample_many", "tracked"]
+__all__ = ["canonical", "check_finite", "hash32", "posterior_nodes", "sample_many", "tracked"]
 
 
 def hash32(path: str) -> int:
@@ -30,14 +30,66 @@ def hash32(path: str) -> int:
     return value
 
 
+def canonical(name: str) -> str:
+    """A parameter name without the ``_orig_mod`` segments that ``torch.compile`` inserts, so
+    the compiled and the eager module share names and noise."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def posterior_nodes(tree: Any) -> tuple[list[Any], list[str], list[int], Any, list[Any]]:
+    """Flatten ``tree``: ``(leaves, canonical paths, posterior-node indices, spec, paths)``,
+    with every Gaussian node's fields checked."""
+    paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
+    names = [canonical(".".join(str(part) for part in path)) for path in paths]
+    nodes = []
+    for index, leaf in enumerate(leaves):
+        if is_posterior(leaf):
+            check_node(leaf, _where(names[index]))
+            nodes.append(index)
+    return leaves, names, nodes, spec, paths
+
+
+def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
+    """Every posterior tensor is finite: one float32 (float64) sum per tensor and one
+    ``isfinite`` per device, then an exact search only when that fails (a sum can overflow).
+
+    Eager only: under ``torch.func`` transforms and ``torch.compile`` reading a value would be
+    data-dependent control flow, so those calls are not checked.
+    """
+    fields = [
+        (name, field, value)
+        for i in nodes
+        for name, (field, value) in ((names[i], item) for item in _tensor_fields(leaves[i]))
+    ]
+    if not fields or torch.compiler.is_compiling() or any(is_wrapped(t) for _, _, t in fields):
+        return
+    sums: dict[torch.device, list[Tensor]] = {}
+    with torch.no_grad():
+        for _, _, value in fields:
+            wide = torch.float64 if value.dtype == torch.float64 else torch.float32
+            sums.setdefault(value.device, []).append(value.sum(dtype=wide))
+        if all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values()):
+            return
+        for name, field, value in fields:
+            bad = ~torch.isfinite(value)
+            count = int(bad.sum())
+            if count:
+                kinds = sorted({"nan" if v != v else str(v) for v in value[bad][:1000].tolist()})
+                raise ValueError(
+                    f"{_where(name)}.{field} must be finite, got {count} non-finite "
+                    f"value(s) ({', '.join(kinds)}) of {value.numel()}. A diverged optimizer "
+                    "step is the usual cause: lower the learning rate or restore a checkpoint."
+                )
+
+
 def sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None) -> Any:
     """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis.
 
     ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)`` already computed.
     """
-    paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
+    leaves, names, nodes, spec, paths = posterior_nodes(tree)
+    check_finite(leaves, names, nodes)
     count = keys.shape[0]
-    names = [".".join(str(part) for part in path) for path in paths]
     # a lone node at the root is drawn with the keys themselves, every other node with
     # fold_in(key, hash32(path))
     hashes = None if paths == [()] else _hashes(names)
@@ -152,6 +204,15 @@ def _draw_fused_on_cpu(
     ]
 
 
+def _where(name: str) -> str:
+    return f"posterior[{name!r}]" if name else "posterior"
+
+
+def _tensor_fields(node: Any) -> list[tuple[str, Tensor]]:
+    fields = getattr(node, "_fields", ())
+    return [(f, v) for f, v in zip(fields, node, strict=False) if isinstance(v, Tensor)]
+
+
 def tracked(*tensors: Tensor) -> bool:
     """Whether autograd or a ``torch.func`` transform records operations on ``tensors``."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
@@ -162,6 +223,11 @@ def tracked(*tensors: Tensor) -> bool:
 def _raise_collision(names: list[str], hashes: list[int]) -> None:
     seen: dict[int, str] = {}
     for name, value in zip(names, hashes, strict=True):
+        if value in seen and seen[value] == name:
+            raise ValueError(
+                f"posterior has two nodes for {name!r} (one of them under torch.compile's "
+                "'_orig_mod.' prefix); keep one."
+            )
         if value in seen:
             raise ValueError(
                 f"posterior paths {seen[value]!r} and {name!r} hash to the same 32-bit value, "

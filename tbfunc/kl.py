@@ -7,6 +7,7 @@ and differentiable for very negative ``rho``, where ``log(softplus(rho))`` under
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, Literal
@@ -18,11 +19,11 @@ from torch import Tensor
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, fail
-from tbfunc._sampling import sample_many
+from tbfunc._sampling import check_finite, posterior_nodes, sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior, LaplacePrior, _check_positive, is_prior
 
-__all__ = ["kl_divergence", "log_softplus"]
+__all__ = ["accumulation_dtype", "kl_divergence", "log_softplus"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _LOG_2_OVER_PI_HALF = 0.5 * math.log(2 / math.pi)
@@ -53,13 +54,19 @@ def kl_divergence(
         key, num_samples: for the Monte-Carlo estimate.
 
     Returns:
-        A scalar tensor, differentiable in every ``mu`` and ``rho``.
+        A scalar tensor, differentiable in every ``mu`` and ``rho``, accumulated and returned
+        in ``accumulation_dtype`` of the nodes (float32 for float16/bfloat16 nodes, whose own
+        range overflows on large layers; float64 when any node is float64). Cast it yourself
+        where you want the parameters' dtype. An empty posterior has KL 0 for both reductions.
+
+    Raises:
+        ValueError: a ``mu`` or ``rho`` is not finite (checked in eager mode).
     """
     if reduction not in ("sum", "mean"):
         fail("reduction", "'sum' or 'mean'", reduction)
     count = check_optional_positive_int(num_samples, "num_samples")
     if key is not None:
-        check_key(key)
+        key = check_key(key)
     monte_carlo = key is not None or count is not None
     if monte_carlo and (key is None or count is None):
         raise ValueError(
@@ -67,7 +74,11 @@ def kl_divergence(
             f"got key={'a key' if key is not None else None} and "
             f"num_samples={num_samples!r}."
         )
+    leaves, names, indices, _, _ = posterior_nodes(posterior)
+    check_finite(leaves, names, indices)
     _, nodes, priors = _pair_with_priors(posterior, prior)
+    if not nodes:  # nothing is stochastic: KL(q || p) = 0, for "mean" too (not 0 / 0)
+        return torch.zeros(())
     exact = [_closed_form_kind(node, p) for node, p in zip(nodes, priors, strict=True)]
     if monte_carlo:
         if any(exact):
@@ -113,7 +124,7 @@ def closed_form_kl(posterior: Any, prior: Any, sigmas: list[Tensor] | None = Non
         else:
             _check_positive(p.b, "prior.b")
             terms.append(gaussian_laplace_kl(node.mu, node.rho, p.mu, p.b).sum())
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    return _total(terms)
 
 
 def kl_from_draws(posterior: Any, prior: Any, draws: Any, *, stop_gradient: bool = False) -> Tensor:
@@ -125,7 +136,20 @@ def kl_from_draws(posterior: Any, prior: Any, draws: Any, *, stop_gradient: bool
         monte_carlo_term(node, p, drawn[i], stop_gradient=stop_gradient).sum()
         for i, node, p in zip(stochastic, nodes, priors, strict=True)
     ]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    return _total(terms)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions run in: at least float32 (float16 overflows at 65504 and
+    bfloat16 keeps 8 bits of mantissa), float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _total(terms: list[Tensor]) -> Tensor:
+    if not terms:
+        return torch.zeros(())
+    wide = functools.reduce(torch.promote_types, (t.dtype for t in terms))
+    return torch.stack([t.to(wide) for t in terms]).sum()
 
 
 def has_closed_form(posterior: Any, prior: Any) -> bool:
@@ -150,8 +174,10 @@ def gaussian_kl(
     it and through ``log sigma``, which is computed from ``rho`` directly.
     """
     sigma = F.softplus(rho) if sigma is None else sigma
-    prior_mu = torch.as_tensor(prior_mu, dtype=mu.dtype, device=mu.device)
-    prior_sigma = torch.as_tensor(prior_sigma, dtype=mu.dtype, device=mu.device)
+    wide = accumulation_dtype(mu.dtype)
+    mu, rho, sigma = mu.to(wide), rho.to(wide), sigma.to(wide)
+    prior_mu = torch.as_tensor(prior_mu, dtype=wide, device=mu.device)
+    prior_sigma = torch.as_tensor(prior_sigma, dtype=wide, device=mu.device)
     return _GaussianKL.apply(mu, rho, sigma, prior_mu, prior_sigma)
 
 
@@ -207,7 +233,9 @@ def _reduce_to(grad: Tensor, like: Tensor) -> Tensor:
 def gaussian_laplace_kl(mu: Tensor, rho: Tensor, prior_mu: Any, b: Any) -> Tensor:
     """KL(N(mu, sigma^2) || Laplace(m, b)) = -H(q) + log(2 b) + E|w - m| / b, where
     ``E|w - m| = sigma sqrt(2/pi) exp(-d^2 / (2 sigma^2)) + d (1 - 2 Phi(-d / sigma))``,
-    ``d = mu - m`` (the folded-normal mean)."""
+    ``d = mu - m`` (the folded-normal mean). Element-wise, in ``accumulation_dtype``."""
+    wide = accumulation_dtype(mu.dtype)
+    mu, rho = mu.to(wide), rho.to(wide)
     sigma = F.softplus(rho)
     d = mu - prior_mu
     # Beyond |d| > 20 sigma the folded mean is |d| to within exp(-200); computing d / sigma
@@ -235,6 +263,7 @@ def monte_carlo_term(
     "sticking the landing" estimator (Roeder et al. 2017), whose gradient has zero variance
     when q equals the true posterior.
     """
+    draws = draws.to(accumulation_dtype(draws.dtype))
     log_q = _log_q(node, draws, stop_gradient)
     return (log_q - prior.log_prob(draws)).mean(0)
 
@@ -256,6 +285,7 @@ def log_softplus(rho: Tensor) -> Tensor:
 def _log_q(node: Any, draws: Tensor, stop_gradient: bool) -> Tensor:
     if isinstance(node, GAUSSIAN_FAMILIES):
         mu, rho = (node.mu.detach(), node.rho.detach()) if stop_gradient else (node.mu, node.rho)
+        mu, rho = mu.to(draws.dtype), rho.to(draws.dtype)
         return -0.5 * ((draws - mu) / F.softplus(rho)) ** 2 - log_softplus(rho) - _LOG_SQRT_2PI
     if stop_gradient:
         node = optree.tree_map(torch.Tensor.detach, node)

@@ -8,30 +8,49 @@ adding, removing or reordering other nodes never changes it (the drawing itself 
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import inspect
+import math
+import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import optree
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
-from tbfunc._sampling import hash32, sample_many, tracked
+from tbfunc._forward import (
+    Strategy,
+    Weights,
+    check_inputs,
+    check_matches,
+    check_modes,
+    concat,
+    pin_fixed_rows,
+    rng_guard,
+    run,
+    run_plain,
+    tensor_leaves,
+    weights_device,
+)
+from tbfunc._sampling import canonical, hash32, sample_many, tracked
 from tbfunc.posterior import PretrainedGaussianPosterior, is_posterior, is_posterior_type
 
-__all__ = ["from_module", "functional_call", "mean", "predict", "sample"]
+__all__ = ["choose_strategy", "from_module", "functional_call", "mean", "predict", "sample"]
 
 Selector = str | Sequence[str] | Callable[[str, Tensor], bool] | None
-Strategy = Literal["auto", "vmap", "loop"]
 
 # Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
 # convolutions, the unfused attention path): a loop of S forwards is faster there.
-_SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention, nn.RNNBase)
+_SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
+
+# choose_strategy's timings, per module (dropped with it) and call signature.
+_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def from_module(
@@ -47,7 +66,9 @@ def from_module(
 
     Args:
         module: any ``nn.Module``; names are those of ``named_parameters()`` (a tied weight
-            appears once, under its first name).
+            appears once, under its first name). For a ``torch.compile`` d module the
+            ``_orig_mod.`` segments are dropped, so the eager and the compiled module share
+            one posterior and the same noise per parameter. Integer parameters are left out.
         posterior: the family, e.g. ``PretrainedGaussianPosterior`` (centred on the module's
             weights) or ``GaussianPosterior`` (random ``mu``; needs ``key``).
         include: glob pattern(s) or a predicate ``(name, param) -> bool``; only matching
@@ -59,6 +80,11 @@ def from_module(
 
     Returns:
         ``dict[name, posterior node]`` in ``named_parameters()`` order.
+
+    Raises:
+        ValueError: no parameter was selected (a module with buffers only, a predicate that
+            matches nothing, ``include`` and ``exclude`` that cancel). To run a module
+            deterministically (or with dropout only), pass ``{}`` to ``predict``.
 
     Example:
         >>> import torch, tbfunc as tb
@@ -77,11 +103,21 @@ def from_module(
         )
     family: Any = posterior
     params: dict[str, Tensor] = {
-        n: p for n, p in module.named_parameters() if p.is_floating_point()
+        canonical(n): p for n, p in module.named_parameters() if p.is_floating_point()
     }
     chosen = _select(params, include, "include", keep_if_none=True)
     dropped = _select(params, exclude, "exclude", keep_if_none=False)
     names = [n for n in params if n in chosen and n not in dropped]
+    if not names:
+        why = (
+            "include and exclude leave none"
+            if params
+            else f"{type(module).__name__} has no floating-point parameters"
+        )
+        raise ValueError(
+            f"from_module selected no parameter: {why}. Pass posterior={{}} to predict or "
+            "functional_call to run the module deterministically."
+        )
     takes_key = "key" in inspect.signature(family.from_param).parameters
     if takes_key and key is None:
         raise ValueError(
@@ -91,7 +127,7 @@ def from_module(
     if not takes_key and key is not None:
         raise ValueError(f"key must be None: {family.__name__}.from_param takes no key.")
     if key is not None:
-        check_key(key)
+        key = check_key(key)
         return {n: family.from_param(params[n], key=_path_key(key, n), **kwargs) for n in names}
     return {n: family.from_param(params[n], **kwargs) for n in names}
 
@@ -108,7 +144,7 @@ def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> An
         key: a key.
         num_samples: the number of draws, or None for one draw without a sample axis.
     """
-    check_key(key)
+    key = check_key(key)
     count = check_optional_positive_int(num_samples, "num_samples")
     if count is None:
         return optree.tree_map(lambda x: x[0], sample_many(posterior, key[None]))
@@ -133,9 +169,14 @@ def functional_call(
 
     Equals ``torch.func.functional_call(module, sample(posterior, key), args, kwargs)``: the
     module's other parameters and buffers are used as they are, and tied weights stay tied.
+    Rows the module keeps fixed (``nn.Embedding`` padding rows) take the module's own value,
+    and the module must be in eval mode (see ``predict``).
     """
-    _check_matches(module, posterior)
-    return torch.func.functional_call(module, sample(posterior, key), args, kwargs)
+    key = check_key(key)
+    names, device = _prepare(module, posterior, args, kwargs, "functional_call")
+    with rng_guard("functional_call", device):
+        weights = _draw(module, posterior, names, key[None])
+        return run(module, weights, args, kwargs, "single", "functional_call")
 
 
 def predict(
@@ -153,16 +194,19 @@ def predict(
 
     Sample ``i`` uses ``split(key, num_samples)[i]``, so every strategy and chunk size gives
     the same result as the loop ``functional_call(module, posterior, keys[i], args, kwargs)``.
+    The output has the module's own output type (a tensor, a tuple, a Hugging Face
+    ``ModelOutput``, ...) with every tensor leaf stacked; non-tensor leaves (``None``) pass
+    through. ``posterior={}`` gives ``num_samples`` deterministic forwards.
 
     Args:
         strategy: ``"vmap"`` draws the weights with a leading axis and vmaps the forward;
-            ``"loop"`` runs the forwards one by one; ``"auto"`` picks vmap, except on the CPU
-            when a Bayesian weight belongs to a convolution, attention or RNN layer, where
-            batched weights leave PyTorch's fast kernels.
+            ``"loop"`` runs the forwards one by one; ``"auto"`` is ``choose_strategy``'s pick.
         chunk_size: at most this many samples' weights and activations exist at once.
 
     Raises:
-        ValueError: a dropout or batch-norm layer is in training mode (``module.eval()``).
+        ValueError: a layer would draw from the global RNG or update its state (dropout,
+            batch-norm or spectral norm in training mode: call ``module.eval()``), or an input
+            is on another device than the weights.
 
     Example:
         >>> import torch, tbfunc as tb
@@ -173,132 +217,142 @@ def predict(
     """
     count = check_positive_int(num_samples, "num_samples")
     chunk = check_optional_positive_int(chunk_size, "chunk_size") or count
-    check_key(key)
+    key = check_key(key)
     if strategy not in ("auto", "vmap", "loop"):
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
-    _check_matches(module, posterior)
-    _check_eval_mode(module)
-    if strategy == "auto":
-        strategy = choose_strategy(module, posterior)
+    names, device = _prepare(module, posterior, args, kwargs, "predict")
     keys = random._split(key, count)
-    outputs = []
-    for start in range(0, count, chunk):
-        weights = sample_many(posterior, keys[start : start + chunk])
-        if strategy == "vmap":
-            outputs.append(_vmapped_forward(module, weights, args, kwargs))
-        else:
-            outputs.append(_looped_forward(module, weights, args, kwargs))
-    if len(outputs) == 1:
-        return outputs[0]
-    return optree.tree_map(lambda *parts: torch.cat(parts), *outputs)
+    auto = strategy == "auto"
+    with rng_guard("predict", device):
+        chosen = (
+            _choose(module, posterior, names, args, kwargs, min(chunk, count))
+            if strategy == "auto"
+            else strategy
+        )
+        outputs = []
+        for start in range(0, count, chunk):
+            weights = _draw(module, posterior, names, keys[start : start + chunk])
+            outputs.append(run(module, weights, args, kwargs, chosen, "predict", fallback=auto))
+    return concat(outputs)
 
 
-def choose_strategy(module: nn.Module, posterior: dict[str, Any]) -> Literal["vmap", "loop"]:
-    """The strategy ``predict(strategy="auto")`` uses for this module and posterior."""
-    leaves: list[Any] = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
-    on_cpu = all(_device_of(leaf).type == "cpu" for leaf in leaves)
-    if not on_cpu:
+def choose_strategy(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    args: Any = None,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    num_samples: int = 4,
+) -> Literal["vmap", "loop"]:
+    """The strategy ``predict(strategy="auto")`` uses; it never picks one that cannot run.
+
+    - ``"loop"`` for an empty posterior (nothing to batch) and for modules with RNN layers
+      (``aten::lstm`` and its kin have no vmap batching rule).
+    - On the CPU, ``"loop"`` when a Bayesian weight feeds a convolution, attention or RNN
+      layer, whose batched kernels were measured 2.6-3x slower.
+    - Otherwise, given ``args``: both strategies are timed once on ``num_samples`` copies of the
+      mean weights (two interleaved rounds, the faster of each), and the faster is kept,
+      cached per module, posterior structure and input shapes; one whose forward fails is
+      never picked. Without ``args`` (or under ``torch.compile`` or a ``torch.func``
+      transform, where nothing can be timed): ``"vmap"``.
+    """
+    names, device = _prepare(module, posterior, args, kwargs, "choose_strategy")
+    count = check_positive_int(num_samples, "num_samples")
+    with rng_guard("choose_strategy", device):
+        return _choose(module, posterior, names, None if args is None else args, kwargs, count)
+
+
+def _prepare(
+    module: nn.Module, posterior: Any, args: Any, kwargs: Any, entry: str
+) -> tuple[dict[str, str], torch.device | None]:
+    names = check_matches(module, posterior)
+    check_modes(module, entry)
+    device = weights_device(module, posterior)
+    check_inputs(args, kwargs, device, entry)
+    return names, device
+
+
+def _draw(module: nn.Module, posterior: Any, names: dict[str, str], keys: Tensor) -> Weights:
+    """Weights with a leading sample axis, keyed by the module's own names, fixed rows pinned."""
+    drawn = pin_fixed_rows(module, names, sample_many(posterior, keys))
+    return Weights({names[name]: value for name, value in drawn.items()}, len(keys))
+
+
+def _choose(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    args: Any,
+    kwargs: Any,
+    count: int,
+) -> Literal["vmap", "loop"]:
+    if not posterior or any(isinstance(layer, nn.RNNBase) for layer in module.modules()):
+        return "loop"  # nothing to batch; RNN kernels have no vmap batching rule
+    device = weights_device(module, posterior)
+    if device is not None and device.type != "cpu":
         return "vmap"
-    for name in posterior:
-        owner = module.get_submodule(name.rpartition(".")[0])
-        if isinstance(owner, _SLOW_UNDER_VMAP_ON_CPU):
+    for name in names.values():
+        if isinstance(module.get_submodule(name.rpartition(".")[0]), _SLOW_UNDER_VMAP_ON_CPU):
             return "loop"
-    return "vmap"
+    means = [_value(node) for node in posterior.values()]
+    if args is None or torch.compiler.is_compiling() or tracked(*means):
+        return "vmap"
+    signature = _signature(posterior, args, kwargs, count)
+    cache = _CHOICES.setdefault(module, {})
+    if signature not in cache:
+        cache[signature] = _timed(module, posterior, names, args, kwargs, count)
+    return cache[signature]
+
+
+def _timed(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    args: Any,
+    kwargs: Any,
+    count: int,
+) -> Literal["vmap", "loop"]:
+    """Time both strategies on ``count`` copies of the mean weights; the faster wins."""
+    mean_weights = Weights(
+        {
+            names[name]: _value(node).detach()[None].expand(count, *_value(node).shape).clone()
+            for name, node in posterior.items()
+        },
+        count,
+    )
+    best: dict[str, float] = {}
+    for strategy in ("vmap", "loop", "vmap", "loop"):
+        if best.get(strategy) == math.inf:
+            continue
+        start = time.perf_counter()
+        try:
+            run_plain(module, mean_weights, args, kwargs, strategy)
+        except Exception:  # it cannot run: never pick it (the real call explains the error)
+            best[strategy] = math.inf
+            continue
+        elapsed = time.perf_counter() - start
+        best[strategy] = min(best.get(strategy, math.inf), elapsed)
+    return "vmap" if best["vmap"] <= best["loop"] and best["vmap"] < math.inf else "loop"
+
+
+def _value(node: Any) -> Tensor:
+    return node.mu if is_posterior(node) else node
+
+
+def _signature(posterior: dict[str, Any], args: Any, kwargs: Any, count: int) -> tuple:
+    nodes = tuple(
+        (name, tuple(_value(node).shape), _value(node).dtype, _value(node).device)
+        for name, node in posterior.items()
+    )
+    inputs = tuple(
+        (where, tuple(leaf.shape), leaf.dtype, leaf.device)
+        for where, leaf in tensor_leaves(args, kwargs)
+    )
+    return nodes, inputs, count, torch.is_grad_enabled()
 
 
 def _path_key(key: Tensor, name: str) -> Tensor:
     return random._fold_in_hashes(key, [hash32(name)])[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the module.
-
-
-def _vmapped_forward(module: nn.Module, weights: Any, args: Any, kwargs: Any) -> Any:
-    def forward(params: Any) -> Any:
-        return torch.func.functional_call(module, params, args, kwargs)
-
-    # The fused transformer-layer kernel, and on the CPU the flash-attention kernel, have no
-    # batching rule: vmap would run them in a slow per-sample fallback. Their unfused versions
-    # batch properly, so select those while vmapping.
-    # On CUDA the fused attention kernels batch in the forward, but the memory-efficient one's
-    # backward fails under vmap ("LSE is not correctly aligned"): training uses the math path.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    leaves = optree.tree_leaves(weights)
-    unfused = all(w.device.type == "cpu" for w in leaves) or tracked(*leaves)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
-            return torch.func.vmap(forward)(weights)
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"predict(strategy='vmap') failed inside torch.func.vmap: {error} "
-            "Use strategy='loop' for modules whose forward vmap cannot batch."
-        ) from error
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-
-
-def _looped_forward(module: nn.Module, weights: Any, args: Any, kwargs: Any) -> Any:
-    count = optree.tree_leaves(weights)[0].shape[0]
-    outputs = [
-        torch.func.functional_call(module, _index(weights, i), args, kwargs) for i in range(count)
-    ]
-    return optree.tree_map(lambda *parts: torch.stack(parts), *outputs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation.
-
-
-def _check_matches(module: nn.Module, posterior: Any) -> None:
-    """Names, shapes, dtypes and devices of ``posterior`` against the module's tensors."""
-    if not isinstance(module, nn.Module):
-        fail("module", "an nn.Module", module, error=TypeError)
-    if not isinstance(posterior, dict):
-        fail(
-            "posterior",
-            "a dict of parameter name -> posterior node",
-            posterior,
-            "Build one with tb.from_module(module).",
-            TypeError,
-        )
-    tensors: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
-    for name, node in posterior.items():
-        if name not in tensors:
-            close = fnmatch.filter(tensors, f"*{name.rpartition('.')[2]}*")[:5]
-            raise ValueError(
-                f"posterior[{name!r}] names no parameter or buffer of {type(module).__name__}"
-                + (f"; close names: {close}." if close else ".")
-            )
-        value = node.mu if is_posterior(node) else node
-        field = f"posterior[{name!r}]" + (".mu" if is_posterior(node) else "")
-        target = tensors[name]
-        for what, mine, theirs in (
-            ("shape", tuple(value.shape), tuple(target.shape)),
-            ("dtype", value.dtype, target.dtype),
-            ("device", value.device.type, target.device.type),
-        ):
-            if mine != theirs:
-                raise ValueError(
-                    f"{field} has {what} {mine} but the module's parameter has {what} {theirs}."
-                )
-
-
-def _check_eval_mode(module: nn.Module) -> None:
-    for name, layer in module.named_modules():
-        stochastic = isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0
-        updating = isinstance(layer, nn.modules.batchnorm._BatchNorm) and (
-            layer.track_running_stats
-        )
-        if layer.training and (stochastic or updating):
-            raise ValueError(
-                f"module must be in eval mode for predict, got {type(layer).__name__} "
-                f"{name or '(root)'!r} in training mode: its forward would "
-                + ("draw from the global RNG" if stochastic else "update running statistics")
-                + ". Call module.eval() first."
-            )
 
 
 def _select(
@@ -328,11 +382,3 @@ def _as_patterns(selector: Iterable[Any], arg: str) -> Iterable[str]:
         if not isinstance(pattern, str):
             fail(arg, "a glob string, a list of them or a predicate", selector, error=TypeError)
         yield pattern
-
-
-def _index(weights: Any, i: int) -> Any:
-    return optree.tree_map(lambda w: w[i], weights)
-
-
-def _device_of(leaf: Any) -> torch.device:
-    return leaf.mu.device if is_posterior(leaf) else leaf.device

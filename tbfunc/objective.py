@@ -9,7 +9,7 @@ size, not the batch size) and every minibatch's ``nelbo`` estimates ``-ELBO / N`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import optree
 import torch
@@ -17,9 +17,20 @@ from torch import Tensor, nn
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc._forward import (
+    Strategy,
+    Weights,
+    check_inputs,
+    check_matches,
+    check_modes,
+    index,
+    pin_fixed_rows,
+    rng_guard,
+    run,
+    weights_device,
+)
 from tbfunc._sampling import sample_many
-from tbfunc.kl import closed_form_kl, has_closed_form, kl_from_draws
-from tbfunc.module import Strategy, _check_matches, _index, _vmapped_forward
+from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior
 
@@ -65,7 +76,7 @@ def nelbo(
         stick_the_landing: evaluate ``log q`` at detached ``(mu, rho)`` in a Monte-Carlo KL
             (Roeder et al. 2017): lower-variance gradients near the optimum.
     """
-    check_key(key)
+    key = check_key(key)
     count = check_positive_int(num_samples, "num_samples")
     data_size = check_positive_int(num_data, "num_data")
     if (loss_fn is None) == (log_likelihood is None):
@@ -77,35 +88,61 @@ def nelbo(
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
     if not isinstance(kl_weight, int | float) or kl_weight < 0:
         fail("kl_weight", "a non-negative float", kl_weight)
-    _check_matches(module, posterior)
+    names = check_matches(module, posterior)
+    check_modes(module, "nelbo")
+    device = weights_device(module, posterior)
+    check_inputs(args, kwargs, device, "nelbo")
 
     def batch_nll(output: Any) -> Tensor:
         if loss_fn is not None:
-            return loss_fn(output, target)
-        assert log_likelihood is not None
-        return -log_likelihood(output, target).mean()
+            loss = loss_fn(output, target)
+        else:
+            assert log_likelihood is not None
+            per_point = log_likelihood(output, target)
+            loss = -per_point.mean(dtype=accumulation_dtype(per_point.dtype))
+        return loss.to(accumulation_dtype(loss.dtype))
 
     # softplus(rho) once per node, shared by the draws and the closed-form KL
     leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
     draws = sample_many(posterior, random._split(key, count), sigmas)
-    if strategy == "auto":
-        on_cpu = all(leaf.device.type == "cpu" for leaf in optree.tree_leaves(draws))
-        strategy = "loop" if on_cpu or count == 1 else "vmap"
-    if strategy == "loop":
-        losses = [
-            batch_nll(torch.func.functional_call(module, _index(draws, s), args, kwargs))
-            for s in range(count)
-        ]
-    else:
-        outputs = _vmapped_forward(module, draws, args, kwargs)
-        losses = [batch_nll(_index(outputs, s)) for s in range(count)]
+    pinned = pin_fixed_rows(module, names, draws)
+    weights = Weights({names[n]: w for n, w in pinned.items()}, count)
+    auto = strategy == "auto"
+    if auto:
+        strategy = _nelbo_strategy(module, device, count)
+    with rng_guard("nelbo", device):
+        if strategy == "loop" or count == 1:
+            # one forward and loss at a time: the activations of one draw at a time
+            losses = [
+                batch_nll(run(module, _one(weights, s), args, kwargs, "single", "nelbo"))
+                for s in range(count)
+            ]
+        else:
+            outputs = run(module, weights, args, kwargs, "vmap", "nelbo", fallback=auto)
+            losses = [batch_nll(index(outputs, s)) for s in range(count)]
     nll = torch.stack(losses).mean()
-    if has_closed_form(posterior, prior) and not stick_the_landing:
+    if not posterior:
+        kl = torch.zeros((), dtype=nll.dtype, device=nll.device)
+    elif has_closed_form(posterior, prior) and not stick_the_landing:
         kl = closed_form_kl(posterior, prior, [sigmas[i] for i in sorted(sigmas)])
     else:
         kl = kl_from_draws(posterior, prior, draws, stop_gradient=stick_the_landing)
-    return nll + kl_weight * kl / data_size
+    return nll + kl_weight * kl.to(nll.device) / data_size
+
+
+def _nelbo_strategy(
+    module: nn.Module, device: torch.device | None, count: int
+) -> Literal["vmap", "loop"]:
+    """Loop on the CPU (a loop of forward/backward passes was measured faster there) and for
+    RNN layers anywhere (they have no vmap batching rule); vmap on accelerators otherwise."""
+    if device is None or device.type == "cpu" or count == 1:
+        return "loop"
+    return "loop" if any(isinstance(m, nn.RNNBase) for m in module.modules()) else "vmap"
+
+
+def _one(weights: Weights, s: int) -> Weights:
+    return Weights({name: value[s : s + 1] for name, value in weights.tensors.items()}, 1)
 
 
 def parameters(posterior: Any) -> list[Tensor]:

@@ -71,7 +71,7 @@ class GaussianPosterior(NamedTuple):
             mu_std: the standard deviation of the initial ``mu``.
         """
         param = check_tensor(param, "param")
-        check_key(key)
+        key = check_key(key)
         if not mu_std >= 0:
             fail("mu_std", "a non-negative float", mu_std)
         noise = random.normal(key, param.shape, dtype=param.dtype, device=param.device)
@@ -162,6 +162,23 @@ class PretrainedGaussianPosterior(NamedTuple):
 GAUSSIAN_FAMILIES = (GaussianPosterior, PretrainedGaussianPosterior)
 
 
+def check_node(node: Any, where: str) -> None:
+    """A Gaussian node's fields: tensors, ``rho`` shaped, typed and placed like ``mu``."""
+    if not isinstance(node, GAUSSIAN_FAMILIES):
+        return
+    mu, rho = node.mu, node.rho
+    if not isinstance(mu, Tensor) or not mu.is_floating_point():
+        fail(f"{where}.mu", "a floating-point tensor", mu, error=TypeError)
+    if (
+        not isinstance(rho, Tensor)
+        or rho.shape != mu.shape
+        or rho.dtype != mu.dtype
+        or rho.device != mu.device
+    ):
+        expected = f"a tensor like mu (shape {tuple(mu.shape)}, {mu.dtype}, {mu.device.type})"
+        fail(f"{where}.rho", expected, rho, error=TypeError if rho is None else ValueError)
+
+
 def is_posterior(node: object) -> bool:
     """True for a posterior node: one of ours or any class with the protocol's members.
 
@@ -180,7 +197,7 @@ def is_posterior_type(kind: type) -> bool:
 
 def _reparametrized(mu: Tensor, sigma: Tensor, key: Tensor) -> Tensor:
     """``mu + sigma * eps``: differentiable in ``mu`` and ``sigma`` (Kingma & Welling 2014)."""
-    check_key(key)
+    key = check_key(key)
     eps = random.normal(key, mu.shape, dtype=mu.dtype, device=mu.device)
     return torch.addcmul(mu, sigma, eps)
 

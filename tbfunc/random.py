@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 
 __all__ = ["fold_in", "key", "normal", "split"]
 
@@ -75,7 +75,7 @@ def split(key: Tensor, num: int = 2) -> Tensor:
     Returns:
         An ``int64`` tensor of shape ``(num, 2)``.
     """
-    check_key(key)
+    key = check_key(key)
     num = check_positive_int(num, "num")
     return _split(key, num)
 
@@ -92,7 +92,7 @@ def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
     Returns:
         A key (``int64`` tensor of shape ``(2,)``).
     """
-    check_key(key)
+    key = check_key(key)
     if isinstance(data, Tensor):
         if data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
             fail("data", "an integer tensor", data, error=TypeError)
@@ -128,7 +128,7 @@ def normal(
     Returns:
         A tensor of ``shape`` with i.i.d. N(0, 1) entries.
     """
-    check_key(key)
+    key = check_key(key)
     dims = _as_shape(shape)
     dtype = torch.get_default_dtype() if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -222,7 +222,7 @@ def _split(keys: Tensor, num: int) -> Tensor:
 def _fold_in(keys: Tensor, data: Tensor) -> Tensor:
     """keys ``(..., 2)`` and int64 data broadcastable against ``keys[..., 0]``; no checks."""
     shape = torch.broadcast_shapes(keys.shape[:-1], data.shape)
-    if _few_plain_words(keys, data.numel()) and not _wrapped(data):
+    if _few_plain_words(keys, data.numel()) and not is_wrapped(data):
         words = keys.expand(*shape, 2).reshape(-1, 2).tolist()
         values = data.expand(shape).reshape(-1).tolist()
         pairs = [
@@ -246,12 +246,8 @@ def _few_plain_words(keys: Tensor, count: int) -> bool:
         keys.device.type == "cpu"
         and keys.numel() // 2 * count <= _PYTHON_THREEFRY_MAX
         and not torch.compiler.is_compiling()
-        and not _wrapped(keys)
+        and not is_wrapped(keys)
     )
-
-
-def _wrapped(tensor: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(tensor)
 
 
 def _as_int(value: object, arg: str) -> int:

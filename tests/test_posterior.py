@@ -160,5 +160,5 @@ def test_from_param_errors():
         P.from_param(torch.zeros(3), rho=float("inf"))
     with pytest.raises(TypeError, match="key must be a key tensor, got an object of type NoneType"):
         tb.GaussianPosterior.from_param(torch.zeros(3), key=None)
-    with pytest.raises(ValueError, match="key must be an int64 tensor of shape"):
+    with pytest.raises(ValueError, match="key must be an int64 or uint32 tensor of shape"):
         P.from_param(torch.zeros(3)).sample(torch.zeros(2))

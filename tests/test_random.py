@@ -147,12 +147,12 @@ def test_split_rows_differ(key, num):
         (
             torch.zeros(2, dtype=torch.int32),
             ValueError,
-            r"key must be an int64 tensor of shape \(2,\), got a tensor of shape \(2,\), dtype torch.int32",
+            r"key must be an int64 or uint32 tensor of shape \(2,\), got a tensor of shape \(2,\), dtype torch.int32",
         ),
         (
             torch.zeros(3, dtype=torch.int64),
             ValueError,
-            r"key must be an int64 tensor of shape \(2,\), got a tensor of shape \(3,\)",
+            r"key must be an int64 or uint32 tensor of shape \(2,\), got a tensor of shape \(3,\)",
         ),
         (
             [0, 1],

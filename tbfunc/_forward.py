@@ -1,0 +1,446 @@
+"""Running a module on stacked weight samples: vmap or a loop, the same rules for every entry.
+
+``predict``, ``functional_call`` and ``nelbo`` all go through here, so they share one set of
+checks (names, shapes, devices, training-mode layers), one treatment of outputs (any pytree
+registered with ``torch.utils._pytree``, such as Hugging Face ``ModelOutput``; non-tensor leaves
+such as ``None`` pass through), one guard that the forward never touched the global RNG, and one
+way of explaining failures. Internal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tbfunc._checks import fail
+from tbfunc._sampling import canonical, tracked
+from tbfunc.posterior import check_node, is_posterior
+
+__all__ = [
+    "Strategy",
+    "Weights",
+    "check_inputs",
+    "check_matches",
+    "check_modes",
+    "concat",
+    "index",
+    "pin_fixed_rows",
+    "rng_guard",
+    "run",
+    "run_plain",
+    "tensor_leaves",
+    "weights_device",
+]
+
+Strategy = Literal["auto", "vmap", "loop"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks at the boundary.
+
+
+def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
+    """Validate ``posterior`` against the module; return ``{posterior name: module name}``.
+
+    A name may be the module's own or its canonical form (without ``_orig_mod.``, which
+    ``torch.compile`` inserts), so one posterior serves the eager and the compiled module.
+    """
+    if not isinstance(module, nn.Module):
+        fail("module", "an nn.Module", module, error=TypeError)
+    if not isinstance(posterior, dict):
+        fail(
+            "posterior",
+            "a dict of parameter name -> posterior node",
+            posterior,
+            "Build one with tb.from_module(module).",
+            TypeError,
+        )
+    tensors: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    by_canonical = {canonical(name): name for name in tensors}
+    names: dict[str, str] = {}
+    for name, node in posterior.items():
+        where = f"posterior[{name!r}]"
+        actual = name if name in tensors else by_canonical.get(canonical(name))
+        if actual is None:
+            close = fnmatch.filter(by_canonical, f"*{name.rpartition('.')[2]}*")[:5]
+            raise ValueError(
+                f"{where} names no parameter or buffer of {type(module).__name__}"
+                + (f"; close names: {close}." if close else ".")
+            )
+        if is_posterior(node):
+            check_node(node, where)
+            value, field = node.mu, f"{where}.mu"
+        elif isinstance(node, Tensor):
+            value, field = node, where
+        else:
+            fail(
+                where,
+                "a posterior node (e.g. tb.PretrainedGaussianPosterior(mu, rho)) or a tensor",
+                node,
+                error=TypeError,
+            )
+        target = tensors[actual]
+        for what, mine, theirs in (
+            ("shape", tuple(value.shape), tuple(target.shape)),
+            ("dtype", value.dtype, target.dtype),
+            ("device", value.device.type, target.device.type),
+        ):
+            if mine != theirs:
+                raise ValueError(
+                    f"{field} has {what} {mine} but the module's parameter has {what} {theirs}."
+                )
+        names[name] = actual
+    return names
+
+
+def check_modes(module: nn.Module, entry: str) -> None:
+    """One rule for every entry point: no layer may draw from the global RNG or update state.
+
+    Refused in training mode: dropout with ``p > 0`` (``nn.Dropout*``, ``AlphaDropout``, RNN and
+    attention dropout), normalisation layers that track running statistics, and spectral norm
+    (it updates its power-iteration vectors). Forwards that draw from the global RNG by other
+    means (``F.dropout(..., training=True)``) are caught by ``rng_guard``.
+    """
+    for name, layer in module.named_modules():
+        if not layer.training:
+            continue
+        reason = _stateful_in_training(layer)
+        if reason:
+            raise ValueError(
+                f"module must be in eval mode for {entry}, got {type(layer).__name__} "
+                f"{name or '(root)'!r} in training mode: its forward would {reason}. "
+                "Call module.eval() first."
+            )
+
+
+def check_inputs(args: Any, kwargs: Any, device: torch.device | None, entry: str) -> None:
+    """Floating-point inputs must sit on the weights' device type (meta inputs never do).
+
+    vmap would otherwise compute with mismatched devices or return garbage (a meta input gives
+    the sampled biases); integer tensors (lengths, indices) and scalars may stay on the CPU.
+    """
+    for where, leaf in tensor_leaves(args, kwargs):
+        if leaf.device.type == "meta" and (device is None or device.type != "meta"):
+            fail(where, "a tensor with data", leaf, f"{entry} cannot run on meta tensors.")
+        if (
+            device is not None
+            and leaf.is_floating_point()
+            and leaf.dim() > 0
+            and leaf.device.type != device.type
+        ):
+            fail(
+                where,
+                f"on the weights' device ({device.type})",
+                leaf,
+                f"Move it with .to({device.type!r}).",
+            )
+
+
+def weights_device(module: nn.Module, posterior: dict[str, Any]) -> torch.device | None:
+    for node in posterior.values():
+        return node.mu.device if is_posterior(node) else node.device
+    for tensor in module.parameters():
+        return tensor.device
+    return None
+
+
+@contextlib.contextmanager
+def rng_guard(entry: str, device: torch.device | None) -> Iterator[None]:
+    """Fail, and restore the global RNG, if the forward inside drew from it (eager only)."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    cuda = device if device is not None and device.type == "cuda" else None
+    before = torch.get_rng_state()
+    cuda_before = torch.cuda.get_rng_state(cuda) if cuda is not None else before
+    yield
+    changed = not torch.equal(before, torch.get_rng_state())
+    if cuda is not None and not torch.equal(cuda_before, torch.cuda.get_rng_state(cuda)):
+        changed = True
+        torch.cuda.set_rng_state(cuda_before, cuda)
+    if changed:
+        torch.set_rng_state(before)
+        raise RuntimeError(
+            f"{entry}: the module's forward drew from the global RNG (e.g. F.dropout with "
+            "training=True, or a random layer in training mode), which tbfunc never reads; "
+            "the RNG state was restored. Call module.eval() first."
+        )
+
+
+def pin_fixed_rows(module: nn.Module, names: dict[str, str], weights: dict[str, Tensor]) -> dict:
+    """Rows the module keeps fixed take the module's own value in every draw.
+
+    ``nn.Embedding(padding_idx=i)`` never trains row ``i`` (no data gradient reaches it), so a
+    posterior over it would only drift with the KL; pinning it keeps predictions independent of
+    padding, as in the deterministic model. ``weights`` carry a leading sample axis.
+    """
+    out = dict(weights)
+    for name, actual in names.items():
+        owner_name, _, leaf = actual.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        padding = getattr(owner, "padding_idx", None)
+        if leaf != "weight" or padding is None:
+            continue
+        if not isinstance(owner, nn.Embedding | nn.EmbeddingBag):
+            continue
+        fixed = owner.weight.detach()[padding]
+        rows = torch.arange(owner.weight.shape[0], device=fixed.device) == padding
+        out[name] = torch.where(rows[:, None], fixed, weights[name])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Running.
+
+
+class Weights(NamedTuple):
+    """Sampled weights keyed by the module's own names, each with a leading axis ``samples``
+    (which also holds for an empty posterior: that many deterministic forwards)."""
+
+    tensors: dict[str, Tensor]
+    samples: int
+
+
+def run(
+    module: nn.Module,
+    weights: Weights,
+    args: Any,
+    kwargs: Any,
+    strategy: Literal["vmap", "loop", "single"],
+    entry: str,
+    *,
+    fallback: bool = False,
+) -> Any:
+    """The module's outputs for every weight sample, stacked leaf by leaf on a leading axis
+    (``"single"``: the one sample's output as it is). Errors are explained in the user's terms;
+    with ``fallback``, a forward that only vmap cannot run is looped instead.
+    """
+    if torch.compiler.is_compiling():
+        return run_plain(module, weights, args, kwargs, strategy)
+    try:
+        return run_plain(module, weights, args, kwargs, strategy)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        _raise_if_forward_fails(error, module, weights, args, kwargs, entry, strategy)
+        if strategy != "vmap":
+            raise
+        if fallback:
+            return run_plain(module, weights, args, kwargs, "loop")
+        message = (
+            f"{entry}(strategy='vmap') failed inside torch.func.vmap, although the forward runs "
+            f"for one weight sample without it: {_first_line(error)} Use strategy='loop' for "
+            "modules whose forward vmap cannot batch."
+        )
+        raise _same_kind(error, message) from error
+
+
+def run_plain(
+    module: nn.Module,
+    weights: Weights,
+    args: Any,
+    kwargs: Any,
+    strategy: Literal["vmap", "loop", "single"],
+) -> Any:
+    """``run`` without the explanations (``choose_strategy``'s timing)."""
+    if strategy == "single":
+        one = {name: value[0] for name, value in weights.tensors.items()}
+        return torch.func.functional_call(module, one, args, kwargs)
+    if strategy == "vmap" and weights.tensors:
+        return _vmapped(module, weights.tensors, args, kwargs)
+    return _looped(module, weights, args, kwargs)
+
+
+def index(outputs: Any, i: int) -> Any:
+    """Sample ``i`` of stacked outputs; non-tensor leaves as they are."""
+    return pytree.tree_map(lambda x: x[i] if isinstance(x, Tensor) else x, outputs)
+
+
+def concat(parts: list[Any]) -> Any:
+    """Join chunks of stacked outputs along the sample axis (the first chunk's non-tensors)."""
+    if len(parts) == 1:
+        return parts[0]
+    flat = [pytree.tree_flatten(part) for part in parts]
+    leaves, spec = flat[0]
+    joined = [
+        torch.cat([f[0][i] for f in flat]) if isinstance(leaf, Tensor) else leaf
+        for i, leaf in enumerate(leaves)
+    ]
+    return pytree.tree_unflatten(joined, spec)
+
+
+def _vmapped(module: nn.Module, weights: dict[str, Tensor], args: Any, kwargs: Any) -> Any:
+    static: dict[str, Any] = {}
+
+    def forward(params: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        out = torch.func.functional_call(module, params, args, kwargs)
+        leaves, static["spec"] = pytree.tree_flatten(out)
+        static["leaves"] = leaves
+        # vmap returns only tensors: the rest (None, ints, strings) is put back afterwards.
+        return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
+
+    with _batchable_kernels(weights):
+        batched = iter(torch.func.vmap(forward)(weights))
+    leaves = [next(batched) if isinstance(x, Tensor) else x for x in static["leaves"]]
+    return pytree.tree_unflatten(leaves, static["spec"])
+
+
+def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
+    outs = [
+        torch.func.functional_call(
+            module, {name: value[i] for name, value in weights.tensors.items()}, args, kwargs
+        )
+        for i in range(weights.samples)
+    ]
+    flat = [pytree.tree_flatten(out) for out in outs]
+    leaves, spec = flat[0]
+    stacked = []
+    for i, leaf in enumerate(leaves):
+        column = [f[0][i] for f in flat]
+        if isinstance(leaf, Tensor):
+            stacked.append(torch.stack(column))
+            continue
+        differs = [other for other in column[1:] if other != leaf]
+        if differs:
+            raise ValueError(
+                f"output leaf {i} must be a tensor or equal across samples, got {leaf!r} "
+                f"and {differs[0]!r}."
+            )
+        stacked.append(leaf)
+    return pytree.tree_unflatten(stacked, spec)
+
+
+@contextlib.contextmanager
+def _batchable_kernels(weights: dict[str, Tensor]) -> Iterator[None]:
+    """Select kernels that vmap can batch.
+
+    The fused transformer-layer kernel, and on the CPU the flash-attention kernel, have no
+    batching rule: vmap would run them in a slow per-sample fallback, while their unfused
+    versions batch properly. On CUDA the fused attention kernels batch in the forward, but the
+    memory-efficient one's backward fails under vmap ("LSE is not correctly aligned"), so
+    training uses the math path. ``set_fastpath_enabled`` cannot be traced: under
+    ``torch.compile`` the compiler sees the non-fastpath code anyway.
+    """
+    leaves = list(weights.values())
+    unfused = all(w.device.type == "cpu" for w in leaves) or tracked(*leaves)
+    compiling = torch.compiler.is_compiling()
+    fastpath = None if compiling else torch.backends.mha.get_fastpath_enabled()
+    if fastpath is not None:
+        torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
+            yield
+    finally:
+        if fastpath is not None:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+# ----------------------------------------------------------------------------------------------
+# Explaining failures.
+
+
+def _raise_if_forward_fails(
+    error: BaseException,
+    module: nn.Module,
+    weights: Weights,
+    args: Any,
+    kwargs: Any,
+    entry: str,
+    strategy: str,
+) -> None:
+    """Rerun sample 0 alone with hooks: if it fails too, the inputs or the module are at fault:
+    raise its error with the failing submodule and the shapes it got. Otherwise return."""
+    one = {name: value[0] for name, value in weights.tensors.items()}
+    with _locating(module) as where:
+        try:
+            torch.func.functional_call(module, one, args, kwargs)
+        except Exception as plain:
+            blame = (
+                " It fails for one weight sample without vmap too, so the inputs or the module "
+                "are at fault, not vmap."
+                if strategy == "vmap"
+                else ""
+            )
+            message = f"{entry} failed in {where()}: {_first_line(plain)}{blame}"
+            raise _same_kind(plain, message) from error
+
+
+@contextlib.contextmanager
+def _locating(module: nn.Module) -> Iterator[Callable[[], str]]:
+    """Track the running submodules with temporary hooks. A forward that raises never reaches
+    its forward hook, so after a failure the top of the stack is the innermost culprit."""
+    stack: list[str] = []
+
+    def push(name: str) -> Callable[..., None]:
+        def hook(layer: nn.Module, inputs: Any) -> None:
+            shapes = [
+                f"{tuple(x.shape)} {x.dtype}"
+                for x in pytree.tree_leaves(inputs)
+                if isinstance(x, Tensor)
+            ]
+            label = f"submodule {name!r}" if name else "the module's own forward"
+            stack.append(f"{label} ({_short(layer)}) called with tensors {shapes}")
+
+        return hook
+
+    def pop(layer: nn.Module, inputs: Any, output: Any) -> None:
+        stack.pop()
+
+    handles = []
+    for name, layer in module.named_modules():
+        handles.append(layer.register_forward_pre_hook(push(name)))
+        handles.append(layer.register_forward_hook(pop))
+    try:
+        yield lambda: stack[-1] if stack else "the module"
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _short(layer: nn.Module) -> str:
+    text = repr(layer).split("\n")[0]
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().split("\n")[0].rstrip(".")
+    return text + "."
+
+
+def _same_kind(error: BaseException, message: str) -> BaseException:
+    try:
+        return type(error)(message)
+    except Exception:
+        return RuntimeError(message)
+
+
+def _stateful_in_training(layer: nn.Module) -> str:
+    if isinstance(layer, nn.modules.dropout._DropoutNd) and layer.p > 0:
+        return "draw dropout masks from the global RNG"
+    if isinstance(layer, nn.RNNBase | nn.MultiheadAttention) and layer.dropout > 0:
+        return "draw dropout masks from the global RNG"
+    if isinstance(layer, nn.modules.batchnorm._NormBase) and layer.track_running_stats:
+        return "update running statistics with sampled weights"
+    if type(layer).__name__ == "_SpectralNorm" or any(
+        type(hook).__name__ == "SpectralNorm" for hook in layer._forward_pre_hooks.values()
+    ):
+        return "update its spectral-norm power-iteration vectors"
+    return ""
+
+
+def tensor_leaves(args: Any, kwargs: Any) -> Iterator[tuple[str, Tensor]]:
+    positional = args if isinstance(args, tuple) else (args,)
+    for i, arg in enumerate(positional):
+        for leaf in pytree.tree_leaves(arg):
+            if isinstance(leaf, Tensor):
+                yield f"args[{i}]", leaf
+    for name, value in (kwargs or {}).items():
+        for leaf in pytree.tree_leaves(value):
+            if isinstance(leaf, Tensor):
+                yield f"kwargs[{name!r}]", leaf
