@@ -61,7 +61,11 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
         for i in nodes
         for name, (field, value) in ((names[i], item) for item in _tensor_fields(leaves[i]))
     ]
-    if not fields or torch.compiler.is_compiling() or any(is_wrapped(t) for _, _, t in fields):
+    if (
+        not fields
+        or torch.compiler.is_compiling()
+        or any(is_wrapped(t) or t.device.type == "meta" for _, _, t in fields)
+    ):
         return
     sums: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():

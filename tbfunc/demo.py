@@ -9,7 +9,8 @@
    out of the training range, coverage of the 90% interval, and test NLL for MAP vs the BNN in
    and out of the training range.
 
-With matplotlib installed (``pip install -e ".[examples]"``) it also writes a PNG.
+With matplotlib installed (``pip install -e ".[examples]"``) it also writes ``tbfunc_demo.png``
+into ``--out`` (default: a new temporary folder, printed), never into the current directory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +173,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=1000, help="Bayes-by-Backprop steps")
     parser.add_argument("--samples", type=int, default=200, help="MC samples for predict")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--plot", default="tbfunc_demo.png", help="PNG path ('' for none)")
+    parser.add_argument(
+        "--out", default=None, help="folder for the plot (default: a new temporary folder)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     args = parser.parse_args(argv)
     key = tb.random.key(args.seed)
     k_data, k_train, k_eval = tb.random.split(key, 3)
@@ -186,8 +192,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         print(f"    {name:32s} {value:8.4f}")
     ratio = results["epistemic sd out of range"] / results["epistemic sd in range"]
     print(f"    the BNN is {ratio:.1f}x less certain outside the data than inside it")
-    if args.plot:
-        print(plot(net, posterior, x, y, k_eval, args.plot))
+    if not args.no_plot:
+        folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="tbfunc-demo-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        print(plot(net, posterior, x, y, k_eval, str(folder / "tbfunc_demo.png")))
     return results
 
 

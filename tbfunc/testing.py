@@ -23,6 +23,7 @@ from tbfunc.module import from_module
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior
 
 __all__ = [
+    "DTYPES",
     "assert_independent",
     "assert_moments",
     "assert_normal",
@@ -33,7 +34,10 @@ __all__ = [
 ]
 
 _SHAPES = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
-_DTYPES = st.sampled_from([torch.float32, torch.float64])
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_DTYPES = st.sampled_from(DTYPES)
+_HALF = (torch.float16, torch.bfloat16)
+_HALF_SIGMA_ULPS = 64  # half-precision sigma floor, in units of mu's spacing (see posteriors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,6 +58,12 @@ def posteriors(
 ) -> st.SearchStrategy[Any]:
     """One posterior node: ``mu`` varies element-wise around a drawn centre, ``rho`` likewise.
 
+    Shapes include ``()``; dtypes are float32, float64, float16 and bfloat16 by default; about
+    half the nodes have non-contiguous ``mu`` and ``rho`` (strided or transposed views), as
+    slices of real parameters do. In float16 and bfloat16, ``sigma`` is floored at 64 times
+    the spacing of representable numbers around ``mu`` (``rho`` raised to match): a smaller
+    sigma would be lost to rounding and the draws would be ``mu`` itself.
+
     Args:
         shapes, dtypes: strategies for the node's shape and dtype.
         mu, rho: strategies for the centres (defaults: ``[-10, 10]`` and ``[-8, 4]``).
@@ -70,6 +80,7 @@ def posteriors(
         rho,
         st.floats(0, 1),
         st.integers(0, 2**32 - 1),
+        st.booleans(),
     )
 
 
@@ -160,28 +171,48 @@ def assert_normal(
 
 
 def assert_independent(a: Tensor, b: Tensor, *, fail_prob: float = 1e-6) -> None:
-    """Check that paired draws ``a`` and ``b`` (e.g. two keys' noise) are uncorrelated.
+    """Check that paired draws ``a`` and ``b`` (e.g. two keys' noise) are independent.
 
-    Pools all pairs ``(a_i, b_i)`` and tests Pearson's r: under independence
-    ``sqrt(n) * atanh(r)`` (Fisher) is close to N(0, 1). Identical or strongly correlated
-    streams fail; the bound is the two-sided normal quantile at ``fail_prob``.
+    Two tests on all pooled pairs ``(a_i, b_i)``, each at ``fail_prob / 2``:
+
+    - linear dependence: Pearson's r, with ``sqrt(n - 3) * atanh(r)`` (Fisher) close to
+      N(0, 1); positive and negative correlation both fail;
+    - any other dependence (``b = a**2 - 1`` is uncorrelated with ``a`` yet a function of
+      it): a chi-square test of independence on a ``k x k`` table of the pairs' quantile bins
+      (``k`` up to 8, with at least 20 expected pairs per cell), whose statistic is close to
+      ``chi2((k - 1)**2)`` under independence (Wilson-Hilferty quantile).
     """
     if not isinstance(a, Tensor) or not isinstance(b, Tensor) or a.shape != b.shape:
         raise ValueError(f"a and b must be tensors of one shape, got {_shape(a)} and {_shape(b)}.")
     x = a.reshape(-1).double()
     y = b.reshape(-1).double()
     n = x.numel()
-    if n < 8:
-        raise ValueError(f"a and b must hold at least 8 values each, got {n}.")
-    x = x - x.mean()
-    y = y - y.mean()
-    r = ((x * y).sum() / (x.norm() * y.norm())).clamp(-1 + 1e-12, 1 - 1e-12).item()
+    if n < 80:
+        raise ValueError(f"a and b must hold at least 80 values each, got {n}.")
+    xc = x - x.mean()
+    yc = y - y.mean()
+    r = ((xc * yc).sum() / (xc.norm() * yc.norm())).clamp(-1 + 1e-12, 1 - 1e-12).item()
     statistic = abs(math.atanh(r)) * math.sqrt(n - 3)
-    bound = _two_sided_quantile(fail_prob)
+    bound = _two_sided_quantile(fail_prob / 2)
     if statistic > bound:
         raise AssertionError(
             f"a and b are correlated: Pearson r = {r:.4g} over {n} pairs, Fisher z "
             f"{statistic:.3g} exceeds the bound {bound:.3g} for fail_prob={fail_prob}."
+        )
+    bins = max(2, min(8, math.isqrt(n // 20)))
+    table = torch.zeros(bins * bins, dtype=torch.float64)
+    cell = _quantile_bins(x, bins) * bins + _quantile_bins(y, bins)
+    table.index_add_(0, cell, torch.ones(n, dtype=torch.float64))
+    table = table.view(bins, bins)
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / n
+    chi2 = float(((table - expected) ** 2 / expected).sum())
+    dof = (bins - 1) ** 2
+    limit = _chi2_quantile(dof, fail_prob / 2)
+    if chi2 > limit:
+        raise AssertionError(
+            f"a and b are dependent: chi-square {chi2:.4g} of a {bins}x{bins} table of quantile "
+            f"bins over {n} pairs exceeds the bound {limit:.4g} ({dof} degrees of freedom) "
+            f"for fail_prob={fail_prob}."
         )
 
 
@@ -196,11 +227,28 @@ def _node(
     rho: float,
     spread: float,
     seed: int,
+    strided: bool,
 ) -> Any:
     k_mu, k_rho = random.split(random.key(seed))
-    mu_t = mu + spread * random.normal(k_mu, shape, dtype=dtype)
-    rho_t = rho + spread * random.normal(k_rho, shape, dtype=dtype)
-    return family(mu_t, rho_t)
+    mu_t = mu + spread * random.normal(k_mu, shape, dtype=torch.float64)
+    rho_t = rho + spread * random.normal(k_rho, shape, dtype=torch.float64)
+    if dtype in _HALF:
+        spacing = torch.finfo(dtype).eps * mu_t.abs().clamp_min(1.0)
+        floor = _HALF_SIGMA_ULPS * spacing
+        rho_t = torch.maximum(rho_t, floor + torch.log(-torch.expm1(-floor)))
+    if strided:
+        return family(_non_contiguous(mu_t.to(dtype)), _non_contiguous(rho_t.to(dtype)))
+    return family(mu_t.to(dtype), rho_t.to(dtype))
+
+
+def _non_contiguous(value: Tensor) -> Tensor:
+    """The same values as a non-contiguous view (a 0-d tensor stays as it is)."""
+    if value.dim() >= 2 and value.shape[0] > 1 and value.shape[-1] > 1:
+        return value.transpose(0, -1).contiguous().transpose(0, -1)
+    if value.dim() >= 1:
+        doubled = torch.stack([value, torch.zeros_like(value)], dim=-1)
+        return doubled[..., 0]
+    return value
 
 
 def _small_module(kind: str, seed: int, batch: int) -> tuple[nn.Module, dict[str, Any], Tensor]:
@@ -243,6 +291,21 @@ def _prepare(
     if not bool((sigma_t > 0).all()):
         raise ValueError("sigma must be positive everywhere.")
     return wide, mu_t, sigma_t
+
+
+def _quantile_bins(values: Tensor, bins: int) -> Tensor:
+    """Each value's bin among ``bins`` equally filled ones (ties broken by position)."""
+    ranks = torch.empty_like(values, dtype=torch.int64)
+    ranks[values.argsort(stable=True)] = torch.arange(values.numel())
+    return ranks * bins // values.numel()
+
+
+def _chi2_quantile(dof: int, prob: float) -> float:
+    """The upper ``prob`` quantile of chi2(dof), Wilson-Hilferty: ``(chi2 / k) ** (1/3)`` is close
+    to N(1 - 2 / (9k), 2 / (9k))."""
+    z = _two_sided_quantile(2 * prob)
+    spread = 2 / (9 * dof)
+    return dof * (1 - spread + z * math.sqrt(spread)) ** 3
 
 
 def _two_sided_quantile(prob: float) -> float:
