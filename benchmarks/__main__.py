@@ -127,7 +127,9 @@ def _section(report, title, runs, costs, args, device, *, baseline) -> str:
     report["runs"].append(
         {"title": title, "results": [r.as_dict() for r in results.values()], "costs_s": costs}
     )
-    extra = "".join(f"\n\n{k}: {v:.1f}" for k, v in costs.items())
+    extra = "".join(
+        f"\n\n{k}: {v:.1f}" if isinstance(v, float) else f"\n\n{k}: {v}" for k, v in costs.items()
+    )
     columns = ["contender", "median ms", "min-max ms", f"x {baseline}", "note"]
     return f"## {title}\n\n" + table(rows, columns) + extra
 

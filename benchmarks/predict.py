@@ -19,10 +19,16 @@ RHO = -3.0  # every contender's posterior: mu = the model's weights, sigma = sof
 
 def contenders(
     model: nn.Module, x: torch.Tensor, num_samples: int, *, compile_predict: bool
-) -> tuple[dict[str, Callable[[], object]], dict[str, float]]:
-    """Callables to time, and set-up costs to report (compile time)."""
+) -> tuple[dict[str, Callable[[], object]], dict[str, float | str]]:
+    """Callables to time, and set-up facts to report (compile time, auto's choice)."""
     posterior = tb.from_module(model, rho=RHO)
     count = sum(node.mu.numel() for node in posterior.values())
+    start = time.perf_counter()
+    choice = tb.choose_strategy(model, posterior, x, num_samples=min(num_samples, 4))
+    costs: dict[str, float | str] = {
+        "tb.predict auto strategy": choice,
+        "tb.predict auto choice: s": time.perf_counter() - start,
+    }
     runs: dict[str, Callable[[], object]] = {
         "limit": limit(model, x, num_samples, count),
         "tb.predict": lambda: tb.predict(model, posterior, KEY, x, num_samples=num_samples),
@@ -36,7 +42,6 @@ def contenders(
             tb.functional_call(model, posterior, k, x) for k in tb.random.split(KEY, num_samples)
         ],
     }
-    costs: dict[str, float] = {}
     if compile_predict:
         compiled = torch.compile(
             lambda key: tb.predict(model, posterior, key, x, num_samples=num_samples)

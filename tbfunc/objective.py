@@ -62,6 +62,11 @@ def nelbo(
     estimate ``mean_s [log q(w_s) - log p(w_s)]`` on the same draws ``w_s`` as the likelihood
     (Blundell et al. 2015). See the module docstring for the minibatch scaling.
 
+    ``loss_fn`` gets what the module returned (a ``ModelOutput``, a tuple, ...). The result is
+    accumulated and returned in at least float32 (float64 for float64 models), whatever the
+    parameters' dtype. The module must be in eval mode as for ``predict``; an empty posterior
+    gives the NLL alone.
+
     Args:
         module, posterior, key, args, kwargs: as in ``functional_call``.
         target: passed to the likelihood with the module's output.
@@ -72,7 +77,8 @@ def nelbo(
         kl_weight: multiplies the KL (1 is the ELBO; < 1 for KL warm-up or cold posteriors).
         num_samples: weight draws to average the NLL over.
         strategy: ``"vmap"`` or ``"loop"`` over the draws; ``"auto"`` loops on the CPU, where
-            a loop of forward/backward passes was measured faster, and vmaps on accelerators.
+            a loop of forward/backward passes was measured faster, and for RNN layers (no vmap
+            batching rule); it vmaps on accelerators, looping instead if vmap alone fails.
         stick_the_landing: evaluate ``log q`` at detached ``(mu, rho)`` in a Monte-Carlo KL
             (Roeder et al. 2017): lower-variance gradients near the optimum.
     """

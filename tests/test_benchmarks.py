@@ -27,4 +27,10 @@ def test_quick_scoreboard(tmp_path):
     first = {r["name"]: r for r in saved["runs"][0]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
-    assert "| tb.predict |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| tb.predict |" in text
+    # W1 (an MLP) is timed, W2 (convolutions) is a loop without timing
+    assert text.count("tb.predict auto strategy: ") == 2
+    assert (
+        "tb.predict auto strategy: loop\n\ntb.predict auto choice: s: 0.0" in text.split("## W2")[1]
+    )

@@ -254,3 +254,52 @@ def test_nelbo_and_parameters_errors():
         TypeError, match="posterior leaf 'a' must be a floating-point tensor, got int 3"
     ):
         tb.parameters({"a": 3})
+
+
+# -- planted bug: stick_the_landing that does not detach ----------------------------------------
+
+
+def kl_only(post, prior, **kwargs):
+    """nelbo with a zero likelihood: num_data * nelbo is the (Monte-Carlo) KL alone."""
+    net, _, x, y = setup()
+    return tb.nelbo(
+        net,
+        post,
+        KEY,
+        x,
+        y,
+        loss_fn=lambda out, t: 0.0 * out.sum(),
+        num_data=1,
+        prior=prior,
+        num_samples=3,
+        **kwargs,
+    )
+
+
+def test_stick_the_landing_gradient_differs_from_plain_monte_carlo():
+    """With a non-closed-form prior both use the MC KL; STL drops the score term (d log q /
+    d(mu, rho) at fixed w), so the gradients must differ while the values agree."""
+    _, post, _, _ = setup()
+    prior = tb.ScaleMixturePrior(0.5, 1.0, 0.1)
+    plain = torch.func.grad(lambda p: kl_only(p, prior))(post)
+    stl = torch.func.grad(lambda p: kl_only(p, prior, stick_the_landing=True))(post)
+    assert not torch.allclose(plain["0.weight"].rho, stl["0.weight"].rho, rtol=1e-3)
+    torch.testing.assert_close(kl_only(post, prior), kl_only(post, prior, stick_the_landing=True))
+
+
+def test_stick_the_landing_gradient_vanishes_when_q_is_the_target():
+    """q = p exactly: log q(w) - log p(w) is 0 for every w, and with the density of q at fixed
+    parameters its pathwise gradient is 0 per draw (Roeder et al. 2017); the score term that
+    a missing detach leaves in is not."""
+    _, post, _, _ = setup()
+    prior = {
+        name: tb.GaussianPrior(node.mu.clone(), node.sigma.clone()) for name, node in post.items()
+    }
+    stl = torch.func.grad(lambda p: kl_only(p, prior, stick_the_landing=True))(post)
+    for node in stl.values():
+        torch.testing.assert_close(node.mu, torch.zeros_like(node.mu), rtol=0, atol=1e-5)
+        torch.testing.assert_close(node.rho, torch.zeros_like(node.rho), rtol=0, atol=1e-5)
+    leaky = torch.func.grad(lambda p: tb.kl_divergence(p, prior, key=KEY, num_samples=3))
+    with pytest.warns(UserWarning, match="a closed form exists"):
+        plain = leaky(post)
+    assert max(node.rho.abs().max().item() for node in plain.values()) > 1e-2

@@ -162,3 +162,22 @@ def test_from_param_errors():
         tb.GaussianPosterior.from_param(torch.zeros(3), key=None)
     with pytest.raises(ValueError, match="key must be an int64 or uint32 tensor of shape"):
         P.from_param(torch.zeros(3)).sample(torch.zeros(2))
+
+
+# -- planted bug: mu_std ignored ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mu_std", [0.0, 0.02, 0.5])
+def test_mu_std_sets_the_spread_of_the_initial_mean(mu_std):
+    """20,000 draws: the sample std of mu is within 3% of mu_std (the std of a sample std is
+    mu_std / sqrt(2 n) = 0.5%: a 6-sigma band), and mu_std=0 gives zeros."""
+    param = torch.empty(100, 200)
+    made = tb.GaussianPosterior.from_param(param, key=tb.random.key(1), mu_std=mu_std)
+    reset = made.reset_parameters(key=tb.random.key(2), mu_std=mu_std)
+    for node in (made, reset):
+        if mu_std == 0:
+            assert torch.equal(node.mu, torch.zeros(100, 200))
+        else:
+            assert abs(node.mu.std().item() / mu_std - 1) < 0.03
+            assert abs(node.mu.mean().item()) < 6 * mu_std / 141
+    assert not torch.equal(made.mu, reset.mu) or mu_std == 0

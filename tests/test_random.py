@@ -225,3 +225,57 @@ def test_normal_folded_segments_and_vmap():
         [normal_folded(k, hashes, numels, torch.float32, torch.device("cpu")) for k in batches]
     )
     assert torch.equal(vmapped, loop)
+
+
+# -- planted bugs: weak key mixing, thread-count dependence ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ((7, 3), (3, 7)),  # swapped words
+        ((7, 3), (7 ^ 0x5A5A, 3 ^ 0x5A5A)),  # equal XOR of the words
+        ((0x10000007, 3), (0x20000007, 3)),  # differ only in the high word
+        ((7, 3), (7, 0x80000003)),  # differ only in the top bit of the low word
+        ((1, 0), (0, 1)),
+    ],
+)
+def test_keys_that_a_weak_seed_mix_would_merge_draw_different_noise(a, b):
+    """A seed built as w0 ^ w1, w0 + w1 or one word alone would make each pair share a stream."""
+    noise_a = tb.random.normal(torch.tensor(a), (16,))
+    noise_b = tb.random.normal(torch.tensor(b), (16,))
+    assert not torch.equal(noise_a, noise_b)
+
+
+def test_large_draws_do_not_depend_on_the_thread_count():
+    """Above the parallel threshold the CPU draws on every thread; the bits must not move, and
+    every (node, sample) segment must equal node.sample(fold_in(split(key, S)[s], hash))."""
+    from tbfunc._sampling import hash32
+    from tbfunc.random import _PARALLEL_MIN_NUMEL
+
+    post = {
+        "big.weight": tb.PretrainedGaussianPosterior(torch.zeros(300, 700), torch.zeros(300, 700)),
+        "small.bias": tb.PretrainedGaussianPosterior(torch.ones(7), torch.full((7,), -1.0)),
+        "mid.weight": tb.PretrainedGaussianPosterior(torch.zeros(50, 60), torch.zeros(50, 60)),
+    }
+    count = 4
+    assert count * 300 * 700 > 2 * _PARALLEL_MIN_NUMEL
+    threads = torch.get_num_threads()
+    try:
+        draws = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            draws[n] = tb.sample(post, KEY_7, num_samples=count)
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        for name in post:
+            assert torch.equal(draws[n][name], draws[1][name]), (n, name)
+    keys = tb.random.split(KEY_7, count)
+    for name, node in post.items():
+        for s in range(count):
+            expected = node.sample(tb.random.fold_in(keys[s], hash32(name)))
+            assert torch.equal(draws[1][name][s], expected), (name, s)
+
+
+KEY_7 = tb.random.key(7)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tbfunc as tb
 from tbfunc import testing
@@ -138,3 +139,64 @@ def test_predict_equals_loop_on_generated_modules(case, key):
         [tb.functional_call(module, posterior, k, x) for k in tb.random.split(key, 3)]
     )
     torch.testing.assert_close(out, loop, rtol=1e-5, atol=1e-6)
+
+
+# -- planted bugs: independence in one direction only; strategies that drop cases ---------------
+
+
+def test_assert_independent_catches_negative_and_non_linear_dependence():
+    a = tb.random.normal(tb.random.key(11), (6000,), dtype=torch.float64)
+    with pytest.raises(AssertionError, match=r"a and b are correlated: Pearson r = -1 over 6000"):
+        testing.assert_independent(a, -a)
+    with pytest.raises(AssertionError, match=r"a and b are correlated: Pearson r = -0.1"):
+        testing.assert_independent(*correlated(3, -0.1, 6000))
+    with pytest.raises(
+        AssertionError,
+        match=r"a and b are dependent: chi-square .* of a 8x8 table of quantile bins over 6000 pairs exceeds the bound .* \(49 degrees of freedom\)",
+    ):
+        testing.assert_independent(a, a**2 - 1)  # uncorrelated with a, yet a function of it
+    noise = tb.random.normal(tb.random.key(12), (6000,), dtype=torch.float64)
+    with pytest.raises(AssertionError, match="a and b are dependent"):
+        testing.assert_independent(a, a.abs() * noise.sign())  # |b| = |a|: uncorrelated
+    with pytest.raises(ValueError, match="a and b must hold at least 80 values each, got 10"):
+        testing.assert_independent(a[:10], a[:10])
+
+
+SEEN: dict[str, set] = {"dtype": set(), "shape": set(), "strided": set(), "tree_dtype": set()}
+
+
+@given(testing.posteriors())
+@settings(max_examples=150)
+def record_nodes(node):
+    SEEN["dtype"].add(node.mu.dtype)
+    SEEN["shape"].add(len(node.mu.shape))
+    SEEN["strided"].add(not node.mu.is_contiguous() and not node.rho.is_contiguous())
+    assert node.mu.dtype == node.rho.dtype and node.mu.shape == node.rho.shape
+    if node.mu.dtype in (torch.float16, torch.bfloat16):
+        # sigma is resolvable next to mu: draws are not pure rounding
+        spacing = torch.finfo(node.mu.dtype).eps * node.mu.float().abs().clamp_min(1.0)
+        assert bool((node.sigma.float() >= 32 * spacing).all())
+
+
+@given(testing.posterior_trees())
+@settings(max_examples=60)
+def record_trees(tree):
+    for node in tree.values():
+        SEEN["tree_dtype"].add(node.mu.dtype)
+
+
+def test_strategies_generate_every_dtype_scalar_shapes_and_strided_nodes():
+    record_nodes()
+    record_trees()
+    dtypes = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+    assert SEEN["dtype"] == dtypes and SEEN["tree_dtype"] == dtypes
+    assert 0 in SEEN["shape"] and {1, 2, 3} <= SEEN["shape"]
+    assert SEEN["strided"] == {True, False}
+
+
+@given(testing.posteriors(shapes=st.just((40,))), testing.keys())
+@settings(max_examples=12)
+def test_half_precision_nodes_sample_with_the_right_moments(node, key):
+    draws = tb.sample(node, key, num_samples=3000)
+    assert draws.dtype == node.mu.dtype
+    testing.assert_moments(draws, node.mu.double(), node.sigma.double(), fail_prob=1e-6)
