@@ -6,9 +6,11 @@ key, ``functional_call`` runs the unchanged model with sampled weights, and ``vm
 Monte-Carlo samples.
 """
 
-from tbfunc import random
+from tbfunc import interop, random
+from tbfunc.io import from_state_dict, load, save, state_dict
 from tbfunc.kl import kl_divergence
 from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
+from tbfunc.nn import PosteriorModule
 from tbfunc.objective import nelbo, parameters
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, VariationalPosterior
 from tbfunc.prior import GaussianPrior, LaplacePrior, ScaleMixturePrior, pretrained_prior
@@ -19,14 +21,18 @@ __all__ = [
     "GaussianPosterior",
     "GaussianPrior",
     "LaplacePrior",
+    "PosteriorModule",
     "PretrainedGaussianPosterior",
     "ScaleMixturePrior",
     "VariationalPosterior",
     "__version__",
     "choose_strategy",
     "from_module",
+    "from_state_dict",
     "functional_call",
+    "interop",
     "kl_divergence",
+    "load",
     "mean",
     "nelbo",
     "parameters",
@@ -34,4 +40,6 @@ __all__ = [
     "pretrained_prior",
     "random",
     "sample",
+    "save",
+    "state_dict",
 ]
