@@ -2,10 +2,10 @@
 
 A posterior is stored as a flat state dict, ``"<parameter name>.<field>" -> tensor``
 (``"0.weight.mu"``, ``"0.weight.rho"``), beside the family of each node by name. Files are
-written by ``torch.save`` and read by ``torch.load(weights_only=True)``, whose unpickler admits tensors, dicts, strings and
-numbers only: a crafted file that tries to run code is refused. A family outside tbfunc is stored
-by its import path and resolved only against the classes the caller allows; nothing is imported
-by name.
+written by ``torch.save`` and read by ``torch.load(weights_only=True)``, whose unpickler
+admits tensors, dicts, strings and numbers only: a crafted file that tries to run code is
+refused. A family outside tbfunc is stored by its import path and resolved only against the
+classes the caller allows; nothing is imported by name.
 """
 
 from __future__ import annotations
