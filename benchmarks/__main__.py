@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import tbfunc as tb
-from benchmarks import predict, sampling, training
+from benchmarks import io, predict, sampling, training
 from benchmarks.timing import interleaved, ms, table
 from benchmarks.workloads import WORKLOADS, instantiate
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. W1,W3")
     parser.add_argument(
-        "--sections", default="predict,sample,train,memory", help="which tables to run"
+        "--sections", default="predict,sample,train,io,memory", help="which tables to run"
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu + cuda if any)")
     parser.add_argument("--repeats", type=int, default=7)
@@ -96,6 +96,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                             baseline="deterministic step",
                         )
                     )
+            if "io" in sections and device.type == "cpu":
+                markdown.append(
+                    _section(
+                        report,
+                        f"{title}: save and load",
+                        io.contenders(model),
+                        {},
+                        args,
+                        device,
+                        baseline="torch.save + torch.load, module state_dict",
+                    )
+                )
             if "memory" in sections:
                 markdown.append(_memory(report, name, model, x, samples, device, title))
     out = Path(args.out)
