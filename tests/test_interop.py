@@ -124,7 +124,7 @@ def test_from_posteriors_is_stable_for_tiny_and_large_sigma():
     rho = post["w"].rho
     assert torch.isfinite(rho).all()
     torch.testing.assert_close(tb.kl.log_softplus(rho), log_sd, rtol=1e-5, atol=1e-5)
-    params, back = tb.interop.to_posteriors(post)
+    _params, back = tb.interop.to_posteriors(post)
     torch.testing.assert_close(back["w"], log_sd, rtol=1e-5, atol=1e-5)
     with pytest.raises(
         ValueError, match=r"log_sd_diag\['w'\] has shape \(2,\) but params\['w'\] has shape \(6,\)"

@@ -83,7 +83,7 @@ def test_cuda_round_trip_and_map_location(tmp_path):
 
 
 def test_load_against_a_module_lists_every_difference(tmp_path):
-    net, post = posterior_of(tb.PretrainedGaussianPosterior, torch.float32)
+    _net, post = posterior_of(tb.PretrainedGaussianPosterior, torch.float32)
     tb.save(post, tmp_path / "p.pt")
     other = seeded(lambda: nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))).double()
     with pytest.raises(ValueError) as info:
