@@ -10,47 +10,22 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import math
-import time
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import optree
-import torch
 from torch import Tensor, nn
 
 from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
-from tbfunc._forward import (
-    Strategy,
-    Weights,
-    check_inputs,
-    check_matches,
-    check_modes,
-    concat,
-    pin_fixed_rows,
-    rng_guard,
-    run,
-    run_plain,
-    tensor_leaves,
-    weights_device,
-)
-from tbfunc._sampling import canonical, hash32, sample_many, tracked
+from tbfunc._forward import Strategy, rng_guard, run
+from tbfunc._predicting import choose, draw, predict_keys, prepare
+from tbfunc._sampling import canonical, hash32, sample_many
 from tbfunc.posterior import PretrainedGaussianPosterior, is_posterior, is_posterior_type
 
 __all__ = ["choose_strategy", "from_module", "functional_call", "mean", "predict", "sample"]
 
 Selector = str | Sequence[str] | Callable[[str, Tensor], bool] | None
-
-# Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
-# convolutions, the unfused attention path): a loop of S forwards is faster there.
-_SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
-
-# choose_strategy's timings, per module (dropped with it) and call signature.
-_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def from_module(
@@ -173,9 +148,9 @@ def functional_call(
     and the module must be in eval mode (see ``predict``).
     """
     key = check_key(key)
-    names, device = _prepare(module, posterior, args, kwargs, "functional_call")
+    names, device = prepare(module, posterior, args, kwargs, "functional_call")
     with rng_guard("functional_call", device):
-        weights = _draw(module, posterior, names, key[None])
+        weights = draw(module, posterior, names, key[None])
         return run(module, weights, args, kwargs, "single", "functional_call")
 
 
@@ -220,20 +195,10 @@ def predict(
     key = check_key(key)
     if strategy not in ("auto", "vmap", "loop"):
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
-    names, device = _prepare(module, posterior, args, kwargs, "predict")
+    names, device = prepare(module, posterior, args, kwargs, "predict")
     keys = random._split(key, count)
-    auto = strategy == "auto"
     with rng_guard("predict", device):
-        chosen = (
-            _choose(module, posterior, names, args, kwargs, min(chunk, count))
-            if strategy == "auto"
-            else strategy
-        )
-        outputs = []
-        for start in range(0, count, chunk):
-            weights = _draw(module, posterior, names, keys[start : start + chunk])
-            outputs.append(run(module, weights, args, kwargs, chosen, "predict", fallback=auto))
-    return concat(outputs)
+        return predict_keys(module, posterior, names, keys, args, kwargs, chunk, strategy)
 
 
 def choose_strategy(
@@ -256,99 +221,10 @@ def choose_strategy(
       never picked. Without ``args`` (or under ``torch.compile`` or a ``torch.func``
       transform, where nothing can be timed): ``"vmap"``.
     """
-    names, device = _prepare(module, posterior, args, kwargs, "choose_strategy")
+    names, device = prepare(module, posterior, args, kwargs, "choose_strategy")
     count = check_positive_int(num_samples, "num_samples")
     with rng_guard("choose_strategy", device):
-        return _choose(module, posterior, names, None if args is None else args, kwargs, count)
-
-
-def _prepare(
-    module: nn.Module, posterior: Any, args: Any, kwargs: Any, entry: str
-) -> tuple[dict[str, str], torch.device | None]:
-    names = check_matches(module, posterior)
-    check_modes(module, entry)
-    device = weights_device(module, posterior)
-    check_inputs(args, kwargs, device, entry)
-    return names, device
-
-
-def _draw(module: nn.Module, posterior: Any, names: dict[str, str], keys: Tensor) -> Weights:
-    """Weights with a leading sample axis, keyed by the module's own names, fixed rows pinned."""
-    drawn = pin_fixed_rows(module, names, sample_many(posterior, keys))
-    return Weights({names[name]: value for name, value in drawn.items()}, len(keys))
-
-
-def _choose(
-    module: nn.Module,
-    posterior: dict[str, Any],
-    names: dict[str, str],
-    args: Any,
-    kwargs: Any,
-    count: int,
-) -> Literal["vmap", "loop"]:
-    if not posterior or any(isinstance(layer, nn.RNNBase) for layer in module.modules()):
-        return "loop"  # nothing to batch; RNN kernels have no vmap batching rule
-    device = weights_device(module, posterior)
-    if device is not None and device.type != "cpu":
-        return "vmap"
-    for name in names.values():
-        if isinstance(module.get_submodule(name.rpartition(".")[0]), _SLOW_UNDER_VMAP_ON_CPU):
-            return "loop"
-    means = [_value(node) for node in posterior.values()]
-    if args is None or torch.compiler.is_compiling() or tracked(*means):
-        return "vmap"
-    signature = _signature(posterior, args, kwargs, count)
-    cache = _CHOICES.setdefault(module, {})
-    if signature not in cache:
-        cache[signature] = _timed(module, posterior, names, args, kwargs, count)
-    return cache[signature]
-
-
-def _timed(
-    module: nn.Module,
-    posterior: dict[str, Any],
-    names: dict[str, str],
-    args: Any,
-    kwargs: Any,
-    count: int,
-) -> Literal["vmap", "loop"]:
-    """Time both strategies on ``count`` copies of the mean weights; the faster wins."""
-    mean_weights = Weights(
-        {
-            names[name]: _value(node).detach()[None].expand(count, *_value(node).shape).clone()
-            for name, node in posterior.items()
-        },
-        count,
-    )
-    best: dict[str, float] = {}
-    for strategy in ("vmap", "loop", "vmap", "loop"):
-        if best.get(strategy) == math.inf:
-            continue
-        start = time.perf_counter()
-        try:
-            run_plain(module, mean_weights, args, kwargs, strategy)
-        except Exception:  # it cannot run: never pick it (the real call explains the error)
-            best[strategy] = math.inf
-            continue
-        elapsed = time.perf_counter() - start
-        best[strategy] = min(best.get(strategy, math.inf), elapsed)
-    return "vmap" if best["vmap"] <= best["loop"] and best["vmap"] < math.inf else "loop"
-
-
-def _value(node: Any) -> Tensor:
-    return node.mu if is_posterior(node) else node
-
-
-def _signature(posterior: dict[str, Any], args: Any, kwargs: Any, count: int) -> tuple:
-    nodes = tuple(
-        (name, tuple(_value(node).shape), _value(node).dtype, _value(node).device)
-        for name, node in posterior.items()
-    )
-    inputs = tuple(
-        (where, tuple(leaf.shape), leaf.dtype, leaf.device)
-        for where, leaf in tensor_leaves(args, kwargs)
-    )
-    return nodes, inputs, count, torch.is_grad_enabled()
+        return choose(module, posterior, names, args, kwargs, count)
 
 
 def _path_key(key: Tensor, name: str) -> Tensor:

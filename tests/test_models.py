@@ -12,7 +12,7 @@ from torch import nn
 
 import tbfunc as tb
 from helpers import data, mlp, seeded
-from tbfunc.module import _CHOICES
+from tbfunc._predicting import CHOICES
 
 KEY = tb.random.key(0)
 STRATEGIES = [("auto", None), ("vmap", None), ("loop", None), ("vmap", 2), ("loop", 2)]
@@ -184,10 +184,10 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(when, expected):
     assert tb.choose_strategy(net, post, x, num_samples=4) == expected
     timed_again = net.calls - calls - (1 if expected == "vmap" else 4)
     assert timed_again == 0, "the choice is cached per module, posterior and input shapes"
-    assert list(_CHOICES[net].values()) == [expected]
+    assert list(CHOICES[net].values()) == [expected]
     torch.testing.assert_close(out, tb.predict(net, post, KEY, x, num_samples=4, strategy="loop"))
     tb.predict(net, post, KEY, data(5, 3), num_samples=4)
-    assert len(_CHOICES[net]) == 2, "new input shapes are timed anew"
+    assert len(CHOICES[net]) == 2, "new input shapes are timed anew"
 
 
 # -- 3. rows the module keeps fixed ------------------------------------------------------------

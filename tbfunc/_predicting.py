@@ -1,0 +1,153 @@
+"""Monte-Carlo prediction over a given list of sample keys, and the choice of strategy.
+
+Shared by ``tbfunc.predict`` and ``tbfunc.distributed.predict`` (which runs a shard of the keys
+on each rank). Internal.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import weakref
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from tbfunc._forward import (
+    Weights,
+    check_inputs,
+    check_matches,
+    check_modes,
+    concat,
+    pin_fixed_rows,
+    run,
+    run_plain,
+    tensor_leaves,
+    weights_device,
+)
+from tbfunc._sampling import sample_many, tracked
+from tbfunc.posterior import is_posterior
+
+__all__ = ["CHOICES", "choose", "draw", "predict_keys", "prepare"]
+
+# Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
+# convolutions, the unfused attention path): a loop of S forwards is faster there.
+_SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
+
+# choose's timings, per module (dropped with it) and call signature.
+CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def predict_keys(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    keys: Tensor,
+    args: Any,
+    kwargs: Any,
+    chunk: int,
+    strategy: str,
+    entry: str = "predict",
+) -> Any:
+    """Outputs for the sample keys ``keys`` (one per row), stacked; checks already done."""
+    auto = strategy == "auto"
+    chosen = (
+        choose(module, posterior, names, args, kwargs, min(chunk, len(keys))) if auto else strategy
+    )
+    outputs = []
+    for start in range(0, len(keys), chunk):
+        weights = draw(module, posterior, names, keys[start : start + chunk])
+        outputs.append(run(module, weights, args, kwargs, chosen, entry, fallback=auto))  # type: ignore[arg-type]
+    return concat(outputs)
+
+
+def prepare(
+    module: nn.Module, posterior: Any, args: Any, kwargs: Any, entry: str
+) -> tuple[dict[str, str], torch.device | None]:
+    names = check_matches(module, posterior)
+    check_modes(module, entry)
+    device = weights_device(module, posterior)
+    check_inputs(args, kwargs, device, entry)
+    return names, device
+
+
+def draw(module: nn.Module, posterior: Any, names: dict[str, str], keys: Tensor) -> Weights:
+    """Weights with a leading sample axis, keyed by the module's own names, fixed rows pinned."""
+    drawn = pin_fixed_rows(module, names, sample_many(posterior, keys))
+    return Weights({names[name]: value for name, value in drawn.items()}, len(keys))
+
+
+def choose(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    args: Any,
+    kwargs: Any,
+    count: int,
+) -> Literal["vmap", "loop"]:
+    if not posterior or any(isinstance(layer, nn.RNNBase) for layer in module.modules()):
+        return "loop"  # nothing to batch; RNN kernels have no vmap batching rule
+    device = weights_device(module, posterior)
+    if device is not None and device.type != "cpu":
+        return "vmap"
+    for name in names.values():
+        if isinstance(module.get_submodule(name.rpartition(".")[0]), _SLOW_UNDER_VMAP_ON_CPU):
+            return "loop"
+    means = [value(node) for node in posterior.values()]
+    if args is None or torch.compiler.is_compiling() or tracked(*means):
+        return "vmap"
+    seen = signature(posterior, args, kwargs, count)
+    cache = CHOICES.setdefault(module, {})
+    if seen not in cache:
+        cache[seen] = timed(module, posterior, names, args, kwargs, count)
+    return cache[seen]
+
+
+def timed(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    args: Any,
+    kwargs: Any,
+    count: int,
+) -> Literal["vmap", "loop"]:
+    """Time both strategies on ``count`` copies of the mean weights; the faster wins."""
+    mean_weights = Weights(
+        {
+            names[name]: value(node).detach()[None].expand(count, *value(node).shape).clone()
+            for name, node in posterior.items()
+        },
+        count,
+    )
+    best: dict[str, float] = {}
+    for strategy in ("vmap", "loop", "vmap", "loop"):
+        if best.get(strategy) == math.inf:
+            continue
+        start = time.perf_counter()
+        try:
+            run_plain(module, mean_weights, args, kwargs, strategy)
+        except Exception:  # it cannot run: never pick it (the real call explains the error)
+            best[strategy] = math.inf
+            continue
+        elapsed = time.perf_counter() - start
+        best[strategy] = min(best.get(strategy, math.inf), elapsed)
+    return "vmap" if best["vmap"] <= best["loop"] and best["vmap"] < math.inf else "loop"
+
+
+def value(node: Any) -> Tensor:
+    return node.mu if is_posterior(node) else node
+
+
+def signature(posterior: dict[str, Any], args: Any, kwargs: Any, count: int) -> tuple:
+    nodes = tuple(
+        (name, tuple(value(node).shape), value(node).dtype, value(node).device)
+        for name, node in posterior.items()
+    )
+    inputs = tuple(
+        (where, tuple(leaf.shape), leaf.dtype, leaf.device)
+        for where, leaf in tensor_leaves(args, kwargs)
+    )
+    return nodes, inputs, count, torch.is_grad_enabled()
