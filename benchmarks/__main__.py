@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import tbfunc as tb
-from benchmarks import io, predict, sampling, training
+from benchmarks import distributed, io, predict, sampling, training
 from benchmarks.timing import interleaved, ms, table
 from benchmarks.workloads import WORKLOADS, instantiate
 
@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. W1,W3")
     parser.add_argument(
-        "--sections", default="predict,sample,train,io,memory", help="which tables to run"
+        "--sections",
+        default="predict,sample,train,io,memory,distributed",
+        help="which tables to run",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu + cuda if any)")
     parser.add_argument("--repeats", type=int, default=7)
@@ -110,6 +112,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 )
             if "memory" in sections:
                 markdown.append(_memory(report, name, model, x, samples, device, title))
+    if "distributed" in sections and devices == [torch.device("cpu")]:
+        names = [n for n in args.workloads.split(",") if n in ("W1", "W4")] or ["W1"]
+        rows, raw = distributed.scaling(
+            names, 1 if args.quick else args.repeats, args.samples, args.batch
+        )
+        report["runs"].append({"title": "sharded predict, CPU", "results": rows, "times_s": raw})
+        columns = ["workload", "world 1 median ms", "world 2 median ms", "speedup"]
+        markdown.append(
+            "## tb.distributed.predict, CPU, 1 thread per rank (gloo, vmap)\n\n"
+            + table(rows, columns)
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=1))

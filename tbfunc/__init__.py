@@ -6,7 +6,7 @@ key, ``functional_call`` runs the unchanged model with sampled weights, and ``vm
 Monte-Carlo samples.
 """
 
-from tbfunc import interop, random
+from tbfunc import distributed, interop, random
 from tbfunc.io import from_state_dict, load, save, state_dict
 from tbfunc.kl import kl_divergence
 from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
@@ -27,6 +27,7 @@ __all__ = [
     "VariationalPosterior",
     "__version__",
     "choose_strategy",
+    "distributed",
     "from_module",
     "from_state_dict",
     "functional_call",

@@ -17,17 +17,18 @@ def test_quick_scoreboard(tmp_path):
                 "--workloads",
                 "W1,W2",
                 "--sections",
-                "predict,sample,train,io",
+                "predict,sample,train,io,distributed",
                 "--out",
                 str(tmp_path),
             ]
         )
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 10
+    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 11
     first = {r["name"]: r for r in saved["runs"][0]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
     text = (tmp_path / "results.md").read_text()
+    assert "| W1 MLP 784-512-512-10, S=2 |" in text  # the sharded-predict scaling table
     assert "| tb.predict |" in text
     # W1 (an MLP) is timed, W2 (convolutions) is a loop without timing
     assert text.count("tb.predict auto strategy: ") == 2
