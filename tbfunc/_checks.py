@@ -16,6 +16,7 @@ __all__ = [
     "check_key",
     "check_optional_positive_int",
     "check_positive_int",
+    "check_posterior_dict",
     "check_tensor",
     "describe",
     "fail",
@@ -94,3 +95,16 @@ def check_tensor(value: Any, arg: str, *, floating: bool = True) -> Tensor:
     if floating and not value.is_floating_point():
         fail(arg, "a floating-point tensor", value, "Convert it with .float() first.", TypeError)
     return value
+
+
+def check_posterior_dict(posterior: Any) -> dict:
+    """A whole-model posterior is a dict of parameter name -> node."""
+    if not isinstance(posterior, dict):
+        fail(
+            "posterior",
+            "a dict of parameter name -> posterior node",
+            posterior,
+            "Build one with tb.from_module(module).",
+            TypeError,
+        )
+    return posterior

@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tbfunc._checks import fail
+from tbfunc._checks import check_posterior_dict, fail
 from tbfunc._sampling import canonical, tracked
 from tbfunc.posterior import check_node, is_posterior
 
@@ -54,14 +54,7 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
     """
     if not isinstance(module, nn.Module):
         fail("module", "an nn.Module", module, error=TypeError)
-    if not isinstance(posterior, dict):
-        fail(
-            "posterior",
-            "a dict of parameter name -> posterior node",
-            posterior,
-            "Build one with tb.from_module(module).",
-            TypeError,
-        )
+    check_posterior_dict(posterior)
     tensors: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
     by_canonical = {canonical(name): name for name in tensors}

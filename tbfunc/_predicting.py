@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
 from tbfunc._forward import (
     Weights,
     check_inputs,
@@ -29,7 +30,7 @@ from tbfunc._forward import (
 from tbfunc._sampling import sample_many, tracked
 from tbfunc.posterior import is_posterior
 
-__all__ = ["CHOICES", "choose", "draw", "predict_keys", "prepare"]
+__all__ = ["CHOICES", "check_args", "choose", "draw", "predict_keys", "prepare"]
 
 # Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
 # convolutions, the unfused attention path): a loop of S forwards is faster there.
@@ -39,6 +40,17 @@ _SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
 CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+def check_args(
+    key: Any, num_samples: Any, chunk_size: Any, strategy: Any
+) -> tuple[Tensor, int, int]:
+    """``predict``'s knobs: the key, the sample count and the chunk size (default: all)."""
+    count = check_positive_int(num_samples, "num_samples")
+    chunk = check_optional_positive_int(chunk_size, "chunk_size") or count
+    if strategy not in ("auto", "vmap", "loop"):
+        fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
+    return check_key(key), count, chunk
 
 
 def predict_keys(

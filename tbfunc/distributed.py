@@ -27,9 +27,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from tbfunc import random
-from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
+from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._forward import Strategy, rng_guard
-from tbfunc._predicting import choose, predict_keys, prepare
+from tbfunc._predicting import check_args, choose, predict_keys, prepare
 
 __all__ = ["predict", "rank_key", "shard"]
 
@@ -98,11 +98,7 @@ def predict(
     others' collective fail within the process group's ``timeout`` (set it in
     ``init_process_group``) with an error that says so.
     """
-    count = check_positive_int(num_samples, "num_samples")
-    chunk = check_optional_positive_int(chunk_size, "chunk_size") or count
-    key = check_key(key)
-    if strategy not in ("auto", "vmap", "loop"):
-        fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
+    key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
     _check_initialized("distributed.predict")
     names, device = prepare(module, posterior, args, kwargs, "distributed.predict")
     rank, world = dist.get_rank(group), dist.get_world_size(group)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tbfunc._checks import fail
+from tbfunc._checks import check_posterior_dict, fail
 from tbfunc.kl import log_softplus
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, is_posterior
 
@@ -181,8 +181,7 @@ def _families_of(bayesian: nn.Module) -> dict[str, type]:
 
 
 def _gaussian_nodes(posterior: Any) -> dict[str, Any]:
-    if not isinstance(posterior, dict):
-        fail("posterior", "a dict of parameter name -> posterior node", posterior, error=TypeError)
+    check_posterior_dict(posterior)
     for name, node in posterior.items():
         if not (
             is_posterior(node) and isinstance(node, GaussianPosterior | PretrainedGaussianPosterior)

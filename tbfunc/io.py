@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tbfunc._checks import fail
+from tbfunc._checks import check_posterior_dict, fail
 from tbfunc._sampling import canonical
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, is_posterior
 
@@ -182,14 +182,7 @@ def check_against(module: nn.Module, posterior: dict[str, Any]) -> None:
 
 
 def _nodes(posterior: Any) -> dict[str, Any]:
-    if not isinstance(posterior, dict):
-        fail(
-            "posterior",
-            "a dict of parameter name -> posterior node",
-            posterior,
-            "Build one with tb.from_module(module).",
-            TypeError,
-        )
+    check_posterior_dict(posterior)
     for name, node in posterior.items():
         if not (is_posterior(node) and hasattr(node, "_fields")):
             fail(

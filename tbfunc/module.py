@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
 from tbfunc._forward import Strategy, rng_guard, run
-from tbfunc._predicting import choose, draw, predict_keys, prepare
+from tbfunc._predicting import check_args, choose, draw, predict_keys, prepare
 from tbfunc._sampling import canonical, hash32, sample_many
 from tbfunc.posterior import PretrainedGaussianPosterior, is_posterior, is_posterior_type
 
@@ -190,11 +190,7 @@ def predict(
         >>> tb.predict(net, post, tb.random.key(0), torch.ones(5, 3), num_samples=4).shape
         torch.Size([4, 5, 2])
     """
-    count = check_positive_int(num_samples, "num_samples")
-    chunk = check_optional_positive_int(chunk_size, "chunk_size") or count
-    key = check_key(key)
-    if strategy not in ("auto", "vmap", "loop"):
-        fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
+    key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
     names, device = prepare(module, posterior, args, kwargs, "predict")
     keys = random._split(key, count)
     with rng_guard("predict", device):
