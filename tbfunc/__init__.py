@@ -6,7 +6,7 @@ key, ``functional_call`` runs the unchanged model with sampled weights, and ``vm
 Monte-Carlo samples.
 """
 
-from tbfunc import distributed, interop, random
+from tbfunc import distributed, interop, metrics, random
 from tbfunc.io import from_state_dict, load, save, state_dict
 from tbfunc.kl import kl_divergence
 from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
@@ -35,6 +35,7 @@ __all__ = [
     "kl_divergence",
     "load",
     "mean",
+    "metrics",
     "nelbo",
     "parameters",
     "predict",

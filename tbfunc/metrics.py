@@ -1,0 +1,355 @@
+"""Predictive uncertainty, calibration, OOD and selective-prediction metrics, as pure functions.
+
+On stacked Monte-Carlo outputs (leading axis = samples, as ``tb.predict`` returns them):
+regression takes ``(S, ...)``; classification takes logits ``(S, ..., C)`` (log-probabilities
+work too: softmax does not see the difference) and integer targets ``(...)``. The predictive
+distribution is the mixture ``p(y | x) = (1/S) sum_s softmax(logits_s)``, computed in log space
+(``logsumexp``), so the metrics stay finite in float32 for confident models. On scores per
+example: ``auroc``, ``fpr_at_tpr`` (out-of-distribution detection, the out-of-distribution set
+the positive class, larger scores meaning "more likely OOD") and ``aurc`` (selective
+prediction). Every function composes with ``vmap`` and ``grad`` where its maths is smooth.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tbfunc._checks import fail
+
+__all__ = [
+    "ReliabilityDiagram",
+    "accuracy",
+    "aurc",
+    "auroc",
+    "brier_score",
+    "expected_calibration_error",
+    "expected_entropy",
+    "fpr_at_tpr",
+    "mutual_information",
+    "nll",
+    "predictive_entropy",
+    "predictive_interval",
+    "predictive_mean",
+    "predictive_variance",
+    "reliability_diagram",
+]
+
+Reduction = Literal["mean", "sum", "none"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Regression.
+
+
+def predictive_mean(samples: Tensor) -> Tensor:
+    """The mean over the sample axis: ``samples.mean(0)``."""
+    return _samples(samples).mean(0)
+
+
+def predictive_variance(samples: Tensor, *, correction: int = 0) -> Tensor:
+    """The variance over the sample axis (``correction=0``: the variance of the empirical
+    mixture of the draws; ``1``: the unbiased estimate of the predictive variance)."""
+    return _samples(samples).var(0, correction=correction)
+
+
+def predictive_interval(samples: Tensor, level: float = 0.9) -> tuple[Tensor, Tensor]:
+    """The central ``level`` interval of the draws: the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles over the sample axis (linear interpolation)."""
+    samples = _samples(samples)
+    if not isinstance(level, int | float) or not 0 < level < 1:
+        fail("level", "a float in (0, 1)", level)
+    probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=samples.dtype)
+    low, high = torch.quantile(samples, probs.to(samples.device), dim=0)
+    return low, high
+
+
+# ----------------------------------------------------------------------------------------------
+# Classification, on logits (S, ..., C).
+
+
+def predictive_entropy(logits: Tensor) -> Tensor:
+    """``H[p(y | x)]`` of the mixture, per example: total uncertainty, in nats."""
+    log_p = _log_predictive(logits)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+def expected_entropy(logits: Tensor) -> Tensor:
+    """``E_s H[softmax(logits_s)]`` per example: the aleatoric part of the uncertainty."""
+    log_p = F.log_softmax(_logits(logits), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean(0)
+
+
+def mutual_information(logits: Tensor) -> Tensor:
+    """``predictive_entropy - expected_entropy`` per example (BALD; Houlsby et al. 2011): the
+    epistemic part, >= 0, and 0 when all samples agree (clamped at 0 against rounding)."""
+    return (predictive_entropy(logits) - expected_entropy(logits)).clamp_min(0)
+
+
+def nll(logits: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    """``-log p(target | x)`` of the mixture (``logsumexp`` over samples)."""
+    log_p = _log_predictive(logits)
+    target = _target(target, logits)
+    return _reduce(-log_p.gather(-1, target[..., None])[..., 0], reduction)
+
+
+def brier_score(logits: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
+    """``sum_c (p_c - 1[c = target])**2`` per example, of the mixture (in [0, 2])."""
+    probs = _log_predictive(logits).exp()
+    target = _target(target, logits)
+    onehot = F.one_hot(target, probs.shape[-1]).to(probs.dtype)
+    return _reduce(((probs - onehot) ** 2).sum(-1), reduction)
+
+
+def accuracy(logits: Tensor, target: Tensor) -> Tensor:
+    """The fraction of examples whose mixture's most probable class is the target."""
+    predicted = _log_predictive(logits).argmax(-1)
+    return (predicted == _target(target, logits)).to(torch.get_default_dtype()).mean()
+
+
+def expected_calibration_error(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    num_bins: int = 15,
+    binning: Literal["width", "mass"] = "width",
+) -> Tensor:
+    """``sum_b |B_b| / N * |accuracy(B_b) - confidence(B_b)|`` over confidence bins (Naeini et
+    al. 2015; Guo et al. 2017), confidence = the mixture's top probability.
+
+    ``binning="width"``: ``num_bins`` equal-width bins ``(b_{i-1}, b_i]`` on [0, 1] (as
+    torchmetrics and torch-uncertainty); ``"mass"``: equal-mass (adaptive) bins, the examples
+    sorted by confidence and cut into ``num_bins`` groups of sizes within one.
+    """
+    return _bins(logits, target, num_bins, binning).ece
+
+
+class ReliabilityDiagram(NamedTuple):
+    """Per-bin data of a reliability diagram; ``figure`` is a matplotlib figure or None."""
+
+    edges: Tensor
+    confidence: Tensor
+    accuracy: Tensor
+    count: Tensor
+    ece: Tensor
+    figure: Any
+
+
+def reliability_diagram(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    num_bins: int = 15,
+    binning: Literal["width", "mass"] = "width",
+    path: str | None = None,
+    title: str = "",
+) -> ReliabilityDiagram:
+    """The reliability diagram's data (always) and, where matplotlib is installed, the
+    figure (saved to ``path`` if given). tbfunc itself never needs matplotlib."""
+    data = _bins(logits, target, num_bins, binning)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return data
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    filled = data.count > 0
+    left, right = data.edges[:-1][filled], data.edges[1:][filled]
+    ax.bar(
+        left.tolist(),
+        data.accuracy[filled].tolist(),
+        width=(right - left).tolist(),
+        align="edge",
+        edgecolor="k",
+        alpha=0.7,
+        label="accuracy",
+    )
+    ax.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    ax.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"{title} ECE {float(data.ece):.3f}".strip(),
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return data._replace(figure=fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores per example.
+
+
+def auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
+    """Area under the ROC curve separating ``scores_out`` (positive) from ``scores_in``:
+    ``P(out > in) + P(out = in) / 2`` (Mann-Whitney, ties shared); 0.5 when they do not
+    differ, 1 when every OOD score is larger."""
+    inside, outside = _scores(scores_in, "scores_in"), _scores(scores_out, "scores_out")
+    both = torch.cat([inside, outside]).double()
+    ranks = _average_ranks(both)
+    n_in, n_out = inside.numel(), outside.numel()
+    rank_sum = ranks[n_in:].sum()
+    return (rank_sum - n_out * (n_out + 1) / 2) / (n_in * n_out)
+
+
+def fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, tpr: float = 0.95) -> Tensor:
+    """The fraction of in-distribution examples flagged (score >= t) at the largest threshold
+    ``t`` that flags at least a fraction ``tpr`` of the OOD examples (FPR at 95% TPR)."""
+    inside, outside = _scores(scores_in, "scores_in"), _scores(scores_out, "scores_out")
+    if not isinstance(tpr, int | float) or not 0 < tpr <= 1:
+        fail("tpr", "a float in (0, 1]", tpr)
+    ordered = outside.double().sort(descending=True).values
+    needed = math.ceil(tpr * ordered.numel() - 1e-9)
+    threshold = ordered[max(needed, 1) - 1]
+    return (inside.double() >= threshold).double().mean()
+
+
+def aurc(confidence: Tensor, correct: Tensor) -> Tensor:
+    """Area under the risk-coverage curve (Geifman et al. 2019): examples sorted by decreasing
+    confidence, ``(1/n) sum_k risk(k)`` with ``risk(k)`` the error rate of the ``k`` most
+    confident. Lower is better; it is the error rate when confidence is uninformative."""
+    confidence = _scores(confidence, "confidence")
+    correct = _scores(correct, "correct")
+    if correct.shape != confidence.shape:
+        fail("correct", f"a tensor of shape {tuple(confidence.shape)}", correct)
+    order = confidence.double().argsort(descending=True, stable=True)
+    errors = 1.0 - correct.double()[order]
+    risks = errors.cumsum(0) / torch.arange(1, errors.numel() + 1, dtype=torch.float64)
+    return risks.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _samples(samples: Any) -> Tensor:
+    if not isinstance(samples, Tensor) or samples.dim() < 1:
+        fail("samples", "a tensor with a leading sample axis (S, ...)", samples, error=TypeError)
+    if not samples.is_floating_point():
+        fail("samples", "a floating-point tensor", samples, error=TypeError)
+    return samples
+
+
+def _logits(logits: Any) -> Tensor:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 2:
+        fail("logits", "a floating-point tensor of shape (S, ..., C)", logits, error=TypeError)
+    if logits.shape[-1] < 2:
+        fail("logits", "at least 2 classes on the last axis", logits)
+    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(
+        logits
+    ):
+        in_unit = bool(((logits >= 0) & (logits <= 1)).all())
+        sums_to_one = bool(torch.allclose(logits.sum(-1), logits.new_ones(()), atol=1e-4))
+        if in_unit and sums_to_one:
+            fail(
+                "logits",
+                "logits or log-probabilities",
+                logits,
+                "These look like probabilities (in [0, 1], summing to 1): pass logits, or "
+                "probs.log().",
+            )
+    return logits
+
+
+def _log_predictive(logits: Tensor) -> Tensor:
+    """``log((1/S) sum_s softmax(logits_s))``: logsumexp over samples, in float32 or wider."""
+    logits = _logits(logits)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.logsumexp(F.log_softmax(wide, dim=-1), dim=0) - math.log(wide.shape[0])
+
+
+def _target(target: Any, logits: Tensor) -> Tensor:
+    if not isinstance(target, Tensor) or target.is_floating_point() or target.is_complex():
+        fail("target", "an integer tensor of class indices", target, error=TypeError)
+    expected = tuple(logits.shape[1:-1])
+    if tuple(target.shape) != expected:
+        hint = (
+            "logits seem to lack the leading sample axis: pass tb.predict's stacked output, or "
+            "logits[None] for one deterministic model."
+            if tuple(target.shape) == tuple(logits.shape[:-1])
+            else ""
+        )
+        fail(
+            "target", f"a tensor of shape {expected} (logits' shape without S and C)", target, hint
+        )
+    classes = logits.shape[-1]
+    if target.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(target):
+        low, high = int(target.min()), int(target.max())
+        if low < 0 or high >= classes:
+            raise ValueError(
+                f"target must hold class indices in [0, {classes}), got values in [{low}, {high}]."
+            )
+    return target.long()
+
+
+def _scores(scores: Any, arg: str) -> Tensor:
+    if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
+        fail(arg, "a non-empty 1-d tensor of scores per example", scores, error=TypeError)
+    return scores
+
+
+def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "none":
+        return values
+    fail("reduction", "one of 'mean', 'sum', 'none'", reduction)
+
+
+def _bins(logits: Tensor, target: Tensor, num_bins: int, binning: str) -> ReliabilityDiagram:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        fail("num_bins", "a positive int", num_bins)
+    if binning not in ("width", "mass"):
+        fail("binning", "'width' or 'mass'", binning)
+    log_p = _log_predictive(logits)
+    target = _target(target, logits)
+    top, predicted = log_p.exp().reshape(-1, log_p.shape[-1]).max(-1)
+    correct = (predicted == target.reshape(-1)).double()
+    confidence = top.double()
+    count = confidence.numel()
+    if binning == "width":
+        edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
+        index = torch.bucketize(confidence, edges[1:-1], right=False)  # (b_{i-1}, b_i]
+    else:
+        order = confidence.argsort(stable=True)
+        index = torch.empty(count, dtype=torch.int64)
+        index[order] = torch.arange(count) * num_bins // count
+        sorted_conf = confidence[order]
+        cuts = [int(i * count // num_bins) for i in range(num_bins + 1)]
+        edges = torch.tensor(
+            [0.0] + [float(sorted_conf[max(c - 1, 0)]) for c in cuts[1:-1]] + [1.0],
+            dtype=torch.float64,
+        )
+    members = torch.zeros(num_bins, dtype=torch.float64).index_add_(
+        0, index, torch.ones(count, dtype=torch.float64)
+    )
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, correct)
+    safe = members.clamp_min(1)
+    ece = ((acc_sum - conf_sum).abs() / count).sum()
+    return ReliabilityDiagram(edges, conf_sum / safe, acc_sum / safe, members.long(), ece, None)
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks, ties sharing their average rank."""
+    order = values.argsort(stable=True)
+    ordered = values[order]
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(1, values.numel() + 1, dtype=values.dtype)
+    unique, inverse, counts = torch.unique_consecutive(
+        ordered, return_inverse=True, return_counts=True
+    )
+    ends = counts.cumsum(0).to(values.dtype)
+    average = ends - (counts.to(values.dtype) - 1) / 2
+    ranks[order] = average[inverse]
+    return ranks
