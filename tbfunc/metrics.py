@@ -134,7 +134,7 @@ class ReliabilityDiagram(NamedTuple):
     edges: Tensor
     confidence: Tensor
     accuracy: Tensor
-    count: Tensor
+    counts: Tensor
     ece: Tensor
     figure: Any
 
@@ -159,7 +159,7 @@ def reliability_diagram(
     except ImportError:
         return data
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    filled = data.count > 0
+    filled = data.counts > 0
     left, right = data.edges[:-1][filled], data.edges[1:][filled]
     ax.bar(
         left.tolist(),
@@ -345,10 +345,7 @@ def _average_ranks(values: Tensor) -> Tensor:
     order = values.argsort(stable=True)
     ordered = values[order]
     ranks = torch.empty_like(values)
-    ranks[order] = torch.arange(1, values.numel() + 1, dtype=values.dtype)
-    unique, inverse, counts = torch.unique_consecutive(
-        ordered, return_inverse=True, return_counts=True
-    )
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).to(values.dtype)
     average = ends - (counts.to(values.dtype) - 1) / 2
     ranks[order] = average[inverse]

@@ -113,7 +113,7 @@ def test_ece_hand_case_calibrated_construction_and_adaptive_bins():
     second = abs(1 / 3 - (0.75 + 0.9 + 0.9) / 3) * 3 / 6
     torch.testing.assert_close(mass, torch.tensor(first + second, dtype=torch.float64))
     diagram = metrics.reliability_diagram(logits, target, num_bins=10)
-    assert diagram.count.sum().item() == 6 and diagram.count[7].item() == 4
+    assert diagram.counts.sum().item() == 6 and diagram.counts[7].item() == 4
     torch.testing.assert_close(diagram.accuracy[8], torch.tensor(0.5, dtype=torch.float64))
     torch.testing.assert_close(diagram.ece, torch.tensor(expected, dtype=torch.float64))
 
