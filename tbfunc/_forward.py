@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tbfunc._checks import check_posterior_dict, fail
+from tbfunc._dropout import DROPOUT_LAYERS, active_dropout, keyed_dropout
 from tbfunc._sampling import canonical, tracked
 from tbfunc.posterior import check_node, is_posterior
 
@@ -94,16 +95,17 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
     return names
 
 
-def check_modes(module: nn.Module, entry: str) -> None:
+def check_modes(module: nn.Module, entry: str, dropout: bool = False) -> None:
     """One rule for every entry point: no layer may draw from the global RNG or update state.
 
     Refused in training mode: dropout with ``p > 0`` (``nn.Dropout*``, ``AlphaDropout``, RNN and
     attention dropout), normalisation layers that track running statistics, and spectral norm
     (it updates its power-iteration vectors). Forwards that draw from the global RNG by other
-    means (``F.dropout(..., training=True)``) are caught by ``rng_guard``.
+    means (``F.dropout(..., training=True)``) are caught by ``rng_guard``. With ``dropout``
+    the dropout layers are allowed: their masks come from keys (``tbfunc._dropout``).
     """
     for name, layer in module.named_modules():
-        if not layer.training:
+        if not layer.training or (dropout and isinstance(layer, DROPOUT_LAYERS)):
             continue
         reason = _stateful_in_training(layer)
         if reason:
@@ -200,6 +202,7 @@ class Weights(NamedTuple):
 
     tensors: dict[str, Tensor]
     samples: int
+    dropout: Tensor | None = None  # (samples, 2) keys for MC-dropout masks, or no dropout
 
 
 def run(
@@ -216,6 +219,21 @@ def run(
     (``"single"``: the one sample's output as it is). Errors are explained in the user's terms;
     with ``fallback``, a forward that only vmap cannot run is looped instead.
     """
+    if weights.dropout is not None:
+        with active_dropout(module):
+            return _run(module, weights, args, kwargs, strategy, entry, fallback)
+    return _run(module, weights, args, kwargs, strategy, entry, fallback)
+
+
+def _run(
+    module: nn.Module,
+    weights: Weights,
+    args: Any,
+    kwargs: Any,
+    strategy: Literal["vmap", "loop", "single"],
+    entry: str,
+    fallback: bool,
+) -> Any:
     if torch.compiler.is_compiling():
         return run_plain(module, weights, args, kwargs, strategy)
     try:
@@ -243,11 +261,17 @@ def run_plain(
 ) -> Any:
     """``run`` without the explanations (``choose_strategy``'s timing)."""
     if strategy == "single":
-        one = {name: value[0] for name, value in weights.tensors.items()}
-        return torch.func.functional_call(module, one, args, kwargs)
-    if strategy == "vmap" and weights.tensors:
-        return _vmapped(module, weights.tensors, args, kwargs)
+        return _one(module, weights, 0, args, kwargs)
+    if strategy == "vmap" and (weights.tensors or weights.dropout is not None):
+        return _vmapped(module, weights, args, kwargs)
     return _looped(module, weights, args, kwargs)
+
+
+def _one(module: nn.Module, weights: Weights, i: int, args: Any, kwargs: Any) -> Any:
+    """Sample ``i`` alone: its weights, and its dropout masks if any."""
+    params = {name: value[i] for name, value in weights.tensors.items()}
+    with keyed_dropout(None if weights.dropout is None else weights.dropout[i]):
+        return torch.func.functional_call(module, params, args, kwargs)
 
 
 def index(outputs: Any, i: int) -> Any:
@@ -268,29 +292,26 @@ def concat(parts: list[Any]) -> Any:
     return pytree.tree_unflatten(joined, spec)
 
 
-def _vmapped(module: nn.Module, weights: dict[str, Tensor], args: Any, kwargs: Any) -> Any:
+def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
     static: dict[str, Any] = {}
 
-    def forward(params: dict[str, Tensor]) -> tuple[Tensor, ...]:
-        out = torch.func.functional_call(module, params, args, kwargs)
+    def forward(params: dict[str, Tensor], dropout: Tensor | None) -> tuple[Tensor, ...]:
+        with keyed_dropout(dropout):
+            out = torch.func.functional_call(module, params, args, kwargs)
         leaves, static["spec"] = pytree.tree_flatten(out)
         static["leaves"] = leaves
         # vmap returns only tensors: the rest (None, ints, strings) is put back afterwards.
         return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
 
-    with _batchable_kernels(weights):
-        batched = iter(torch.func.vmap(forward)(weights))
+    dims = (0, None if weights.dropout is None else 0)
+    with _batchable_kernels(weights.tensors):
+        batched = iter(torch.func.vmap(forward, in_dims=dims)(weights.tensors, weights.dropout))
     leaves = [next(batched) if isinstance(x, Tensor) else x for x in static["leaves"]]
     return pytree.tree_unflatten(leaves, static["spec"])
 
 
 def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
-    outs = [
-        torch.func.functional_call(
-            module, {name: value[i] for name, value in weights.tensors.items()}, args, kwargs
-        )
-        for i in range(weights.samples)
-    ]
+    outs = [_one(module, weights, i, args, kwargs) for i in range(weights.samples)]
     flat = [pytree.tree_flatten(out) for out in outs]
     leaves, spec = flat[0]
     stacked = []
@@ -349,10 +370,9 @@ def _raise_if_forward_fails(
 ) -> None:
     """Rerun sample 0 alone with hooks: if it fails too, the inputs or the module are at fault:
     raise its error with the failing submodule and the shapes it got. Otherwise return."""
-    one = {name: value[0] for name, value in weights.tensors.items()}
     with _locating(module) as where:
         try:
-            torch.func.functional_call(module, one, args, kwargs)
+            _one(module, weights, 0, args, kwargs)
         except Exception as plain:
             blame = (
                 " It fails for one weight sample without vmap too, so the inputs or the module "

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from tbfunc import random
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
 from tbfunc._forward import (
     Weights,
@@ -27,14 +28,16 @@ from tbfunc._forward import (
     tensor_leaves,
     weights_device,
 )
-from tbfunc._sampling import sample_many, tracked
+from tbfunc._sampling import hash32, sample_many, tracked
 from tbfunc.posterior import is_posterior
 
-__all__ = ["CHOICES", "check_args", "choose", "draw", "predict_keys", "prepare"]
+__all__ = ["CHOICES", "check_args", "choose", "draw", "dropout_keys", "predict_keys", "prepare"]
 
 # Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
 # convolutions, the unfused attention path): a loop of S forwards is faster there.
 _SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
+
+_DROPOUT = hash32("dropout")
 
 # choose's timings, per module (dropped with it) and call signature.
 CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
@@ -63,33 +66,48 @@ def predict_keys(
     chunk: int,
     strategy: str,
     entry: str = "predict",
+    dropout: bool = False,
 ) -> Any:
     """Outputs for the sample keys ``keys`` (one per row), stacked; checks already done."""
     auto = strategy == "auto"
     chosen = (
-        choose(module, posterior, names, args, kwargs, min(chunk, len(keys))) if auto else strategy
+        choose(module, posterior, names, args, kwargs, min(chunk, len(keys)), dropout)
+        if auto
+        else strategy
     )
     outputs = []
     for start in range(0, len(keys), chunk):
-        weights = draw(module, posterior, names, keys[start : start + chunk])
+        weights = draw(module, posterior, names, keys[start : start + chunk], dropout)
         outputs.append(run(module, weights, args, kwargs, chosen, entry, fallback=auto))  # type: ignore[arg-type]
     return concat(outputs)
 
 
 def prepare(
-    module: nn.Module, posterior: Any, args: Any, kwargs: Any, entry: str
+    module: nn.Module, posterior: Any, args: Any, kwargs: Any, entry: str, dropout: bool = False
 ) -> tuple[dict[str, str], torch.device | None]:
+    if not isinstance(dropout, bool):
+        fail("dropout", "a bool", dropout, error=TypeError)
     names = check_matches(module, posterior)
-    check_modes(module, entry)
+    check_modes(module, entry, dropout)
     device = weights_device(module, posterior)
     check_inputs(args, kwargs, device, entry)
     return names, device
 
 
-def draw(module: nn.Module, posterior: Any, names: dict[str, str], keys: Tensor) -> Weights:
-    """Weights with a leading sample axis, keyed by the module's own names, fixed rows pinned."""
+def draw(
+    module: nn.Module, posterior: Any, names: dict[str, str], keys: Tensor, dropout: bool = False
+) -> Weights:
+    """Weights with a leading sample axis, keyed by the module's own names, fixed rows pinned;
+    with ``dropout``, sample ``s``'s masks are keyed by ``fold_in(keys[s], hash32("dropout"))``
+    (no weight node is named that way: names hold a dot or are the root)."""
     drawn = pin_fixed_rows(module, names, sample_many(posterior, keys))
-    return Weights({names[name]: value for name, value in drawn.items()}, len(keys))
+    masks = dropout_keys(keys) if dropout else None
+    return Weights({names[name]: value for name, value in drawn.items()}, len(keys), masks)
+
+
+def dropout_keys(keys: Tensor) -> Tensor:
+    """Per-sample keys for MC-dropout masks: ``fold_in(keys[s], hash32("dropout"))``."""
+    return random._fold_in_hashes(keys, [_DROPOUT])[0]
 
 
 def choose(
@@ -99,9 +117,13 @@ def choose(
     args: Any,
     kwargs: Any,
     count: int,
+    dropout: bool = False,
 ) -> Literal["vmap", "loop"]:
-    if not posterior or any(isinstance(layer, nn.RNNBase) for layer in module.modules()):
-        return "loop"  # nothing to batch; RNN kernels have no vmap batching rule
+    if any(isinstance(layer, nn.RNNBase) for layer in module.modules()):
+        return "loop"  # RNN kernels have no vmap batching rule
+    if not posterior:
+        # dropout alone: vmap over the mask keys makes one forward of S x B rows
+        return "vmap" if dropout else "loop"
     device = weights_device(module, posterior)
     if device is not None and device.type != "cpu":
         return "vmap"

@@ -81,6 +81,7 @@ def predict(
     num_samples: int,
     chunk_size: int | None = None,
     strategy: Strategy = "auto",
+    dropout: bool = False,
     group: dist.ProcessGroup | None = None,
 ) -> Any:
     """``tb.predict`` with the samples split across the ranks of ``group``, on every rank.
@@ -100,7 +101,7 @@ def predict(
     """
     key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
     _check_initialized("distributed.predict")
-    names, device = prepare(module, posterior, args, kwargs, "distributed.predict")
+    names, device = prepare(module, posterior, args, kwargs, "distributed.predict", dropout)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     keys = random._split(key, count)
     mine = shard(count, rank=rank, world_size=world)
@@ -111,7 +112,7 @@ def predict(
             chosen: str = strategy
             if strategy == "auto":
                 # the probe size of tb.predict: the same cached choice in the same process
-                picked = choose(module, posterior, names, args, kwargs, min(chunk, count))
+                picked = choose(module, posterior, names, args, kwargs, min(chunk, count), dropout)
                 chosen = _broadcast_choice(picked, group)
             # a rank without samples still runs one, to know the output's structure
             rows = keys[mine.start : mine.stop] if len(mine) else keys[:1]
@@ -125,6 +126,7 @@ def predict(
                 chunk,
                 chosen,
                 "distributed.predict",
+                dropout,
             )
         except Exception as caught:  # every rank must hear of it before the gather
             error = caught

@@ -139,18 +139,21 @@ def functional_call(
     key: Tensor,
     args: Any,
     kwargs: dict[str, Any] | None = None,
+    *,
+    dropout: bool = False,
 ) -> Any:
     """Run ``module`` once with weights drawn from ``posterior`` (one Monte-Carlo sample).
 
     Equals ``torch.func.functional_call(module, sample(posterior, key), args, kwargs)``: the
     module's other parameters and buffers are used as they are, and tied weights stay tied.
     Rows the module keeps fixed (``nn.Embedding`` padding rows) take the module's own value,
-    and the module must be in eval mode (see ``predict``).
+    and the module must be in eval mode (see ``predict``). ``dropout=True`` adds MC-dropout
+    masks keyed by ``key`` (as ``predict``'s sample with this key).
     """
     key = check_key(key)
-    names, device = prepare(module, posterior, args, kwargs, "functional_call")
+    names, device = prepare(module, posterior, args, kwargs, "functional_call", dropout)
     with rng_guard("functional_call", device):
-        weights = draw(module, posterior, names, key[None])
+        weights = draw(module, posterior, names, key[None], dropout)
         return run(module, weights, args, kwargs, "single", "functional_call")
 
 
@@ -164,6 +167,7 @@ def predict(
     num_samples: int,
     chunk_size: int | None = None,
     strategy: Strategy = "auto",
+    dropout: bool = False,
 ) -> Any:
     """Outputs of ``num_samples`` weight draws, stacked on a new leading axis.
 
@@ -177,6 +181,12 @@ def predict(
         strategy: ``"vmap"`` draws the weights with a leading axis and vmaps the forward;
             ``"loop"`` runs the forwards one by one; ``"auto"`` is ``choose_strategy``'s pick.
         chunk_size: at most this many samples' weights and activations exist at once.
+        dropout: Monte-Carlo dropout: every ``nn.Dropout*`` / ``AlphaDropout`` /
+            ``FeatureAlphaDropout`` is active, and every dropout call that runs (also
+            ``F.dropout`` inside ``forward`` and attention dropout, where the module's own
+            training flag turns them on) draws its mask from sample ``i``'s key, never from
+            the global RNG. Combines with a weight posterior; ``posterior={}`` is dropout
+            alone. The layers' training flags are restored afterwards, even on errors.
 
     Raises:
         ValueError: a layer would draw from the global RNG or update its state (dropout,
@@ -191,10 +201,12 @@ def predict(
         torch.Size([4, 5, 2])
     """
     key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
-    names, device = prepare(module, posterior, args, kwargs, "predict")
+    names, device = prepare(module, posterior, args, kwargs, "predict", dropout)
     keys = random._split(key, count)
     with rng_guard("predict", device):
-        return predict_keys(module, posterior, names, keys, args, kwargs, chunk, strategy)
+        return predict_keys(
+            module, posterior, names, keys, args, kwargs, chunk, strategy, "predict", dropout
+        )
 
 
 def choose_strategy(

@@ -84,9 +84,10 @@ class PosteriorModule(nn.Module):
             for name, (family, fields) in self._layout.items()
         }
 
-    def forward(self, *args: Any, key: Tensor, **kwargs: Any) -> Any:
-        """One Monte-Carlo forward: ``tb.functional_call`` with a draw keyed by ``key``."""
-        return functional_call(self._base, self.posterior(), key, args, kwargs)
+    def forward(self, *args: Any, key: Tensor, dropout: bool = False, **kwargs: Any) -> Any:
+        """One Monte-Carlo forward: ``tb.functional_call`` with a draw keyed by ``key``
+        (and MC-dropout masks with ``dropout=True``)."""
+        return functional_call(self._base, self.posterior(), key, args, kwargs, dropout=dropout)
 
     def kl_divergence(self, prior: Any = GaussianPrior(), **kwargs: Any) -> Tensor:  # noqa: B008
         """``tb.kl_divergence(self.posterior(), prior, **kwargs)``."""

@@ -29,6 +29,7 @@ from tbfunc._forward import (
     run,
     weights_device,
 )
+from tbfunc._predicting import dropout_keys
 from tbfunc._sampling import sample_many
 from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
@@ -53,6 +54,7 @@ def nelbo(
     num_samples: int = 1,
     strategy: Strategy = "auto",
     stick_the_landing: bool = False,
+    dropout: bool = False,
 ) -> Tensor:
     """The negative ELBO per data point: ``mean NLL over the batch + kl_weight * KL / num_data``.
 
@@ -81,6 +83,8 @@ def nelbo(
             batching rule); it vmaps on accelerators, looping instead if vmap alone fails.
         stick_the_landing: evaluate ``log q`` at detached ``(mu, rho)`` in a Monte-Carlo KL
             (Roeder et al. 2017): lower-variance gradients near the optimum.
+        dropout: train with Monte-Carlo dropout, masks keyed by each draw's key (as in
+            ``predict``), so a model fine-tuned with dropout never reads the global RNG.
     """
     key = check_key(key)
     count = check_positive_int(num_samples, "num_samples")
@@ -94,8 +98,10 @@ def nelbo(
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
     if not isinstance(kl_weight, int | float) or kl_weight < 0:
         fail("kl_weight", "a non-negative float", kl_weight)
+    if not isinstance(dropout, bool):
+        fail("dropout", "a bool", dropout, error=TypeError)
     names = check_matches(module, posterior)
-    check_modes(module, "nelbo")
+    check_modes(module, "nelbo", dropout)
     device = weights_device(module, posterior)
     check_inputs(args, kwargs, device, "nelbo")
 
@@ -111,9 +117,11 @@ def nelbo(
     # softplus(rho) once per node, shared by the draws and the closed-form KL
     leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
-    draws = sample_many(posterior, random._split(key, count), sigmas)
+    sample_keys = random._split(key, count)
+    draws = sample_many(posterior, sample_keys, sigmas)
     pinned = pin_fixed_rows(module, names, draws)
-    weights = Weights({names[n]: w for n, w in pinned.items()}, count)
+    masks = dropout_keys(sample_keys) if dropout else None
+    weights = Weights({names[n]: w for n, w in pinned.items()}, count, masks)
     auto = strategy == "auto"
     if auto:
         strategy = _nelbo_strategy(module, device, count)
@@ -148,7 +156,8 @@ def _nelbo_strategy(
 
 
 def _one(weights: Weights, s: int) -> Weights:
-    return Weights({name: value[s : s + 1] for name, value in weights.tensors.items()}, 1)
+    masks = None if weights.dropout is None else weights.dropout[s : s + 1]
+    return Weights({name: value[s : s + 1] for name, value in weights.tensors.items()}, 1, masks)
 
 
 def parameters(posterior: Any) -> list[Tensor]:
