@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import tbfunc as tb
-from benchmarks import distributed, io, predict, sampling, training
+from benchmarks import distributed, io, predict, sampling, training, uncertainty
 from benchmarks.timing import interleaved, ms, table
 from benchmarks.workloads import WORKLOADS, instantiate
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. W1,W3")
     parser.add_argument(
         "--sections",
-        default="predict,sample,train,io,memory,distributed",
+        default="predict,sample,train,io,memory,uncertainty,distributed",
         help="which tables to run",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu + cuda if any)")
@@ -112,6 +112,32 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                 )
             if "memory" in sections:
                 markdown.append(_memory(report, name, model, x, samples, device, title))
+    if "uncertainty" in sections and devices == [torch.device("cpu")]:
+        samples = args.samples or 32
+        markdown.append(
+            _section(
+                report,
+                f"W1 with Dropout(0.1) after each hidden layer, B={args.batch or 128}, "
+                f"S={samples}: MC dropout",
+                uncertainty.dropout_contenders(samples, args.batch),
+                {},
+                args,
+                torch.device("cpu"),
+                baseline="one forward on S*B inputs",
+            )
+        )
+        samples, batch = (args.samples or 64), (args.batch or 10_000)
+        markdown.append(
+            _section(
+                report,
+                f"W1, S={samples}, N={batch}, 10 classes: metrics against prediction",
+                uncertainty.metric_contenders(samples, batch),
+                {},
+                args,
+                torch.device("cpu"),
+                baseline="tb.predict (the call that made the logits)",
+            )
+        )
     if "distributed" in sections and devices == [torch.device("cpu")]:
         names = [n for n in args.workloads.split(",") if n in ("W1", "W4")] or ["W1"]
         rows, raw = distributed.scaling(

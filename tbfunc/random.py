@@ -152,6 +152,14 @@ def normal_segments(
     return torch.ops.tbfunc.normal(keys, numels, dtype, device)
 
 
+def uniform_segments(
+    keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """Like ``normal_segments``, with U[0, 1) draws: cheaper where a Bernoulli is all that is
+    needed (MC-dropout masks). Internal: no argument checks."""
+    return torch.ops.tbfunc.uniform(keys, numels, dtype, device)
+
+
 def normal_folded(
     keys: Tensor, hashes: list[int], numels: list[int], dtype: torch.dtype, device: torch.device
 ) -> Tensor:
@@ -284,8 +292,11 @@ def fill_normal_(
     keys: list[list[int]],
     numels: list[int],
     finish: Callable[[int, Tensor], object] | None = None,
+    *,
+    uniform: bool = False,
 ) -> Tensor:
-    """Fill the flat ``out`` with segments of N(0, 1) noise, segment ``t`` keyed by ``keys[t]``.
+    """Fill the flat ``out`` with segments of N(0, 1) noise (U[0, 1) with ``uniform``),
+    segment ``t`` keyed by ``keys[t]``.
 
     ``finish(t, segment)``, if given, runs right after segment ``t`` is drawn, while it is still
     in cache (``module.sample`` writes ``mu + sigma * eps`` there). On the CPU, large fills are
@@ -295,7 +306,7 @@ def fill_normal_(
     Triton kernel draws all segments (``tbfunc._triton``) where Triton is installed and the
     dtype is not float64; elsewhere each segment reseeds the device's generator. Internal.
     """
-    if _use_triton(out.device, out.dtype) and finish is None:
+    if _use_triton(out.device, out.dtype) and finish is None and not uniform:
         return _triton().fill_(out, torch.tensor(keys, dtype=torch.int64), numels)
     offsets = [0]
     for count in numels:
@@ -303,7 +314,7 @@ def fill_normal_(
     jobs = list(zip(range(len(numels)), keys, offsets, numels, strict=False))
     workers = min(torch.get_num_threads(), len(jobs))
     if out.device.type != "cpu" or workers < 2 or offsets[-1] < _PARALLEL_MIN_NUMEL:
-        _fill_run(out, jobs, finish)
+        _fill_run(out, jobs, finish, uniform)
         return out
     bounds = [0]
     for part in range(1, workers):
@@ -311,8 +322,8 @@ def fill_normal_(
         bounds.append(max(bounds[-1], next(i for i, o in enumerate(offsets) if o >= target)))
     bounds.append(len(jobs))
     runs = [jobs[a:b] for a, b in itertools.pairwise(bounds) if b > a]
-    futures = [_thread_pool().submit(_fill_run, out, run, finish) for run in runs[1:]]
-    _fill_run(out, runs[0], finish)
+    futures = [_thread_pool().submit(_fill_run, out, run, finish, uniform) for run in runs[1:]]
+    _fill_run(out, runs[0], finish, uniform)
     for future in futures:
         future.result()
     return out
@@ -322,12 +333,16 @@ def _fill_run(
     out: Tensor,
     jobs: list[tuple[int, list[int], int, int]],
     finish: Callable[[int, Tensor], object] | None,
+    uniform: bool = False,
 ) -> None:
     generator = _generator(out.device)
     for index, (word0, word1), offset, count in jobs:
         segment = out[offset : offset + count]
         generator.manual_seed(_seed(word0, word1, out.device))
-        segment.normal_(generator=generator)
+        if uniform:
+            segment.uniform_(generator=generator)
+        else:
+            segment.normal_(generator=generator)
         if finish is not None:
             finish(index, segment)
 
@@ -385,6 +400,27 @@ def _(info, in_dims, keys: Tensor, numels: list[int], dtype: torch.dtype, device
     batch = keys.movedim(keys_dim, 0)
     size = batch.shape[0]
     flat = torch.ops.tbfunc.normal(batch.reshape(-1, 2), numels * size, dtype, device)
+    return flat.view(size, -1), 0
+
+
+@torch.library.custom_op("tbfunc::uniform", mutates_args=())
+def _uniform_op(
+    keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    out = torch.empty(sum(numels), dtype=dtype, device=device)
+    return fill_normal_(out, keys.tolist(), numels, uniform=True)
+
+
+@_uniform_op.register_fake
+def _(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(sum(numels), dtype=dtype, device=device)
+
+
+@_uniform_op.register_vmap
+def _(info, in_dims, keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device):
+    batch = keys.movedim(in_dims[0], 0)
+    size = batch.shape[0]
+    flat = torch.ops.tbfunc.uniform(batch.reshape(-1, 2), numels * size, dtype, device)
     return flat.view(size, -1), 0
 
 

@@ -17,13 +17,13 @@ def test_quick_scoreboard(tmp_path):
                 "--workloads",
                 "W1,W2",
                 "--sections",
-                "predict,sample,train,io,distributed",
+                "predict,sample,train,io,uncertainty,distributed",
                 "--out",
                 str(tmp_path),
             ]
         )
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 11
+    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 13
     first = {r["name"]: r for r in saved["runs"][0]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0

@@ -19,8 +19,13 @@ KEY = tb.random.key(0)
 def dropout_mlp() -> nn.Module:
     return seeded(
         lambda: nn.Sequential(
-            nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.SELU(),
-            nn.AlphaDropout(0.2), nn.Linear(32, 3),
+            nn.Linear(5, 32),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(32, 32),
+            nn.SELU(),
+            nn.AlphaDropout(0.2),
+            nn.Linear(32, 3),
         )
     ).eval()
 
@@ -28,8 +33,12 @@ def dropout_mlp() -> nn.Module:
 def dropout_cnn() -> nn.Module:
     return seeded(
         lambda: nn.Sequential(
-            nn.Conv2d(2, 4, 3, padding=1), nn.Dropout2d(0.5), nn.SELU(),
-            nn.FeatureAlphaDropout(0.3), nn.Flatten(), nn.Linear(4 * 5 * 5, 3),
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.Dropout2d(0.5),
+            nn.SELU(),
+            nn.FeatureAlphaDropout(0.3),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 3),
         )
     ).eval()
 
@@ -85,12 +94,16 @@ def test_the_masks_have_the_right_law():
     rate = (out == 0).double().mean().item()
     assert abs(rate - p) < 6 * math.sqrt(p * (1 - p) / out.numel())
     assert torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
-    alpha = tb.predict(nn.AlphaDropout(0.2), {}, KEY, torch.ones(count), num_samples=2, dropout=True)
+    alpha = tb.predict(
+        nn.AlphaDropout(0.2), {}, KEY, torch.ones(count), num_samples=2, dropout=True
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         reference = F.alpha_dropout(torch.ones(count), 0.2, training=True)
     torch.testing.assert_close(alpha.unique(), reference.unique())
-    channels = tb.predict(nn.Dropout2d(0.5), {}, KEY, torch.ones(2, 64, 3, 3), num_samples=2, dropout=True)
+    channels = tb.predict(
+        nn.Dropout2d(0.5), {}, KEY, torch.ones(2, 64, 3, 3), num_samples=2, dropout=True
+    )
     per_channel = channels.flatten(-2)
     assert torch.equal(per_channel.amin(-1), per_channel.amax(-1))  # one draw per channel
     assert 0 < (per_channel[..., 0] == 0).double().mean() < 1
