@@ -101,6 +101,9 @@ def _dropout(
         kept = max(input.dim() - spatial, 1)
         shape = torch.Size([*input.shape[:kept], *([1] * (input.dim() - kept))])
     if not alpha:
+        if shape == input.shape and not input.requires_grad:
+            # the mask's own buffer becomes the output: one allocation less
+            return mode.mask(shape, p, input).mul_(input).mul_(1 / (1 - p))
         return input * mode.mask(shape, p, input, 1 / (1 - p))
     mask = mode.mask(shape, p, input)
     a = 1 / math.sqrt((_ALPHA * _ALPHA * p + 1) * (1 - p))
