@@ -86,13 +86,18 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
                 )
 
 
-def sample_many(tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None) -> Any:
+def sample_many(
+    tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None, *, check: bool = True
+) -> Any:
     """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis.
 
     ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)`` already computed.
+    ``check=False`` skips ``check_finite`` for a caller that checks a result instead (``nelbo``
+    checks its KL: non-finite whenever a ``mu`` or ``rho`` is).
     """
     leaves, names, nodes, spec, paths = posterior_nodes(tree)
-    check_finite(leaves, names, nodes)
+    if check:
+        check_finite(leaves, names, nodes)
     count = keys.shape[0]
     # a lone node at the root is drawn with the keys themselves, every other node with
     # fold_in(key, hash32(path))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tbfunc import random
-from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 from tbfunc._forward import (
     Strategy,
     Weights,
@@ -30,7 +30,7 @@ from tbfunc._forward import (
     weights_device,
 )
 from tbfunc._predicting import dropout_keys
-from tbfunc._sampling import sample_many
+from tbfunc._sampling import check_finite, posterior_nodes, sample_many
 from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior
@@ -118,7 +118,7 @@ def nelbo(
     leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
     sample_keys = random._split(key, count)
-    draws = sample_many(posterior, sample_keys, sigmas)
+    draws = sample_many(posterior, sample_keys, sigmas, check=False)
     pinned = pin_fixed_rows(module, names, draws)
     masks = dropout_keys(sample_keys) if dropout else None
     weights = Weights({names[n]: w for n, w in pinned.items()}, count, masks)
@@ -142,7 +142,17 @@ def nelbo(
         kl = closed_form_kl(posterior, prior, [sigmas[i] for i in sorted(sigmas)])
     else:
         kl = kl_from_draws(posterior, prior, draws, stop_gradient=stick_the_landing)
+    _check_finite_kl(kl, posterior)
     return nll + kl_weight * kl.to(nll.device) / data_size
+
+
+def _check_finite_kl(kl: Tensor, posterior: Any) -> None:
+    """A non-finite ``mu`` or ``rho`` makes the KL non-finite: one scalar test per step instead
+    of a sum per tensor; only then are the tensors searched, for an error that names one."""
+    if torch.compiler.is_compiling() or is_wrapped(kl) or bool(torch.isfinite(kl)):
+        return
+    leaves, names, nodes, _, _ = posterior_nodes(posterior)
+    check_finite(leaves, names, nodes)
 
 
 def _nelbo_strategy(
