@@ -20,16 +20,12 @@ from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 from tbfunc._forward import (
     Strategy,
     Weights,
-    check_inputs,
-    check_matches,
-    check_modes,
     index,
     pin_fixed_rows,
     rng_guard,
     run,
-    weights_device,
 )
-from tbfunc._predicting import dropout_keys
+from tbfunc._predicting import dropout_keys, prepare
 from tbfunc._sampling import check_finite, posterior_nodes, sample_many
 from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
@@ -98,12 +94,7 @@ def nelbo(
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
     if not isinstance(kl_weight, int | float) or kl_weight < 0:
         fail("kl_weight", "a non-negative float", kl_weight)
-    if not isinstance(dropout, bool):
-        fail("dropout", "a bool", dropout, error=TypeError)
-    names = check_matches(module, posterior)
-    check_modes(module, "nelbo", dropout)
-    device = weights_device(module, posterior)
-    check_inputs(args, kwargs, device, "nelbo")
+    names, device = prepare(module, posterior, args, kwargs, "nelbo", dropout)
 
     def batch_nll(output: Any) -> Tensor:
         if loss_fn is not None:
