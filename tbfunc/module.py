@@ -216,23 +216,25 @@ def choose_strategy(
     kwargs: dict[str, Any] | None = None,
     *,
     num_samples: int = 4,
+    dropout: bool = False,
 ) -> Literal["vmap", "loop"]:
     """The strategy ``predict(strategy="auto")`` uses; it never picks one that cannot run.
 
-    - ``"loop"`` for an empty posterior (nothing to batch) and for modules with RNN layers
-      (``aten::lstm`` and its kin have no vmap batching rule).
-    - On the CPU, ``"loop"`` when a Bayesian weight feeds a convolution, attention or RNN
-      layer, whose batched kernels were measured 2.6-3x slower.
+    - ``"loop"`` for modules with RNN layers (``aten::lstm`` and its kin have no vmap batching
+      rule), and for an empty posterior without ``dropout`` (nothing to batch); with
+      ``dropout`` alone, ``"vmap"`` over the mask keys (one forward of S x B rows).
+    - On the CPU, ``"loop"`` when a Bayesian weight feeds a convolution or attention layer,
+      whose batched kernels were measured 2.6-3x slower.
     - Otherwise, given ``args``: both strategies are timed once on ``num_samples`` copies of the
       mean weights (two interleaved rounds, the faster of each), and the faster is kept,
       cached per module, posterior structure and input shapes; one whose forward fails is
       never picked. Without ``args`` (or under ``torch.compile`` or a ``torch.func``
       transform, where nothing can be timed): ``"vmap"``.
     """
-    names, device = prepare(module, posterior, args, kwargs, "choose_strategy")
+    names, device = prepare(module, posterior, args, kwargs, "choose_strategy", dropout)
     count = check_positive_int(num_samples, "num_samples")
     with rng_guard("choose_strategy", device):
-        return choose(module, posterior, names, args, kwargs, count)
+        return choose(module, posterior, names, args, kwargs, count, dropout)
 
 
 def _path_key(key: Tensor, name: str) -> Tensor:

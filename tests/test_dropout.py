@@ -151,6 +151,12 @@ def test_the_packaged_minilm_with_module_and_attention_dropout():
     assert not torch.allclose(outputs["eval"], outputs["train"])  # attention dropout is on
 
 
+def test_dropout_alone_vmaps_over_the_mask_keys():
+    net = dropout_mlp()
+    assert tb.choose_strategy(net, {}, data(2, 5)) == "loop"  # nothing to batch
+    assert tb.choose_strategy(net, {}, data(2, 5), dropout=True) == "vmap"
+
+
 def test_dropout_must_be_a_bool():
     with pytest.raises(TypeError, match="dropout must be a bool, got str 'yes'"):
         tb.predict(dropout_mlp(), {}, KEY, data(2, 5), num_samples=2, dropout="yes")
