@@ -219,37 +219,24 @@ def run(
     (``"single"``: the one sample's output as it is). Errors are explained in the user's terms;
     with ``fallback``, a forward that only vmap cannot run is looped instead.
     """
-    if weights.dropout is not None:
-        with active_dropout(module):
-            return _run(module, weights, args, kwargs, strategy, entry, fallback)
-    return _run(module, weights, args, kwargs, strategy, entry, fallback)
-
-
-def _run(
-    module: nn.Module,
-    weights: Weights,
-    args: Any,
-    kwargs: Any,
-    strategy: Literal["vmap", "loop", "single"],
-    entry: str,
-    fallback: bool,
-) -> Any:
-    if torch.compiler.is_compiling():
-        return run_plain(module, weights, args, kwargs, strategy)
-    try:
-        return run_plain(module, weights, args, kwargs, strategy)
-    except (RuntimeError, ValueError, TypeError, IndexError) as error:
-        _raise_if_forward_fails(error, module, weights, args, kwargs, entry, strategy)
-        if strategy != "vmap":
-            raise
-        if fallback:
-            return run_plain(module, weights, args, kwargs, "loop")
-        message = (
-            f"{entry}(strategy='vmap') failed inside torch.func.vmap, although the forward runs "
-            f"for one weight sample without it: {_first_line(error)} Use strategy='loop' for "
-            "modules whose forward vmap cannot batch."
-        )
-        raise _same_kind(error, message) from error
+    switched = active_dropout(module) if weights.dropout is not None else contextlib.nullcontext()
+    with switched:
+        if torch.compiler.is_compiling():
+            return run_plain(module, weights, args, kwargs, strategy)
+        try:
+            return run_plain(module, weights, args, kwargs, strategy)
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            _raise_if_forward_fails(error, module, weights, args, kwargs, entry, strategy)
+            if strategy != "vmap":
+                raise
+            if fallback:
+                return run_plain(module, weights, args, kwargs, "loop")
+            message = (
+                f"{entry}(strategy='vmap') failed inside torch.func.vmap, although the forward "
+                f"runs for one weight sample without it: {_first_line(error)} Use "
+                "strategy='loop' for modules whose forward vmap cannot batch."
+            )
+            raise _same_kind(error, message) from error
 
 
 def run_plain(
