@@ -31,6 +31,7 @@ __all__ = [
     "check_matches",
     "check_modes",
     "concat",
+    "has_rnn",
     "index",
     "pin_fixed_rows",
     "rng_guard",
@@ -139,6 +140,11 @@ def check_inputs(args: Any, kwargs: Any, device: torch.device | None, entry: str
             )
 
 
+def has_rnn(module: nn.Module) -> bool:
+    """RNN layers (``aten::lstm`` and its kin) have no vmap batching rule: such modules loop."""
+    return any(isinstance(layer, nn.RNNBase) for layer in module.modules())
+
+
 def weights_device(module: nn.Module, posterior: dict[str, Any]) -> torch.device | None:
     for node in posterior.values():
         return node.mu.device if is_posterior(node) else node.device
@@ -180,11 +186,11 @@ def pin_fixed_rows(module: nn.Module, names: dict[str, str], weights: dict[str, 
     out = dict(weights)
     for name, actual in names.items():
         owner_name, _, leaf = actual.rpartition(".")
+        if leaf != "weight":  # before the submodule look-up: this runs on every call
+            continue
         owner = module.get_submodule(owner_name)
         padding = getattr(owner, "padding_idx", None)
-        if leaf != "weight" or padding is None:
-            continue
-        if not isinstance(owner, nn.Embedding | nn.EmbeddingBag):
+        if padding is None or not isinstance(owner, nn.Embedding | nn.EmbeddingBag):
             continue
         fixed = owner.weight.detach()[padding]
         rows = torch.arange(owner.weight.shape[0], device=fixed.device) == padding

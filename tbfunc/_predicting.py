@@ -22,6 +22,7 @@ from tbfunc._forward import (
     check_matches,
     check_modes,
     concat,
+    has_rnn,
     pin_fixed_rows,
     run,
     run_plain,
@@ -119,8 +120,8 @@ def choose(
     count: int,
     dropout: bool = False,
 ) -> Literal["vmap", "loop"]:
-    if any(isinstance(layer, nn.RNNBase) for layer in module.modules()):
-        return "loop"  # RNN kernels have no vmap batching rule
+    if has_rnn(module):
+        return "loop"
     if not posterior:
         # dropout alone: vmap over the mask keys makes one forward of S x B rows
         return "vmap" if dropout else "loop"

@@ -206,7 +206,7 @@ def _draw_fused_on_cpu(
 
     out = torch.empty(sum(sizes), dtype=dtype, device=device)
     numels = [node.mu.numel() for node in nodes for _ in range(count)]
-    random.fill_normal_(out, segment_keys.reshape(-1, 2).tolist(), numels, finish)
+    random.fill_noise_(out, segment_keys.reshape(-1, 2).tolist(), numels, finish)
     return [
         chunk.view(count, *node.mu.shape)
         for node, chunk in zip(nodes, out.split(sizes), strict=True)

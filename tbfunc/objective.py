@@ -20,6 +20,7 @@ from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 from tbfunc._forward import (
     Strategy,
     Weights,
+    has_rnn,
     index,
     pin_fixed_rows,
     rng_guard,
@@ -153,7 +154,7 @@ def _nelbo_strategy(
     RNN layers anywhere (they have no vmap batching rule); vmap on accelerators otherwise."""
     if device is None or device.type == "cpu" or count == 1:
         return "loop"
-    return "loop" if any(isinstance(m, nn.RNNBase) for m in module.modules()) else "vmap"
+    return "loop" if has_rnn(module) else "vmap"
 
 
 def _one(weights: Weights, s: int) -> Weights:

@@ -287,7 +287,7 @@ _PARALLEL_MIN_NUMEL = 1 << 18  # below this, handing work to threads costs more 
 _pool: ThreadPoolExecutor | None = None
 
 
-def fill_normal_(
+def fill_noise_(
     out: Tensor,
     keys: list[list[int]],
     numels: list[int],
@@ -386,7 +386,7 @@ def _seed(word0: int, word1: int, device: torch.device) -> int:
 @torch.library.custom_op("tbfunc::normal", mutates_args=())
 def _normal_op(keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
     out = torch.empty(sum(numels), dtype=dtype, device=device)
-    return fill_normal_(out, keys.tolist(), numels)
+    return fill_noise_(out, keys.tolist(), numels)
 
 
 @_normal_op.register_fake
@@ -408,7 +408,7 @@ def _uniform_op(
     keys: Tensor, numels: list[int], dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     out = torch.empty(sum(numels), dtype=dtype, device=device)
-    return fill_normal_(out, keys.tolist(), numels, uniform=True)
+    return fill_noise_(out, keys.tolist(), numels, uniform=True)
 
 
 @_uniform_op.register_fake
@@ -432,7 +432,7 @@ def _normal_folded_op(
     if _use_triton(out.device, out.dtype):
         return _triton().fill_(out, keys, numels, hashes)
     segment_keys = _fold_in_hashes(keys, hashes).reshape(-1, 2).tolist()
-    return fill_normal_(out, segment_keys, [n for n in numels for _ in range(len(keys))])
+    return fill_noise_(out, segment_keys, [n for n in numels for _ in range(len(keys))])
 
 
 @_normal_folded_op.register_fake
