@@ -5,7 +5,8 @@ While a forward runs with ``dropout=True``, every ``nn.Dropout*``, ``nn.AlphaDro
 that would draw a mask (``F.dropout``, ``F.dropout1d/2d/3d``, ``F.alpha_dropout``,
 ``F.feature_alpha_dropout``, and ``F.scaled_dot_product_attention`` with ``dropout_p > 0``, as
 in Hugging Face attention in training mode) by the same computation with a mask from keyed
-uniform draws (the ``tbfunc::uniform`` op): keep where ``u >= p``, probability ``1 - p``. The
+uniform draws (``tbfunc::noise`` with ``uniform=True``): keep where ``u >= p``, probability
+``1 - p``. The
 ``n``-th dropout call of a forward is keyed by ``fold_in(key, n)``, so the masks are a function
 of the sample's key and the forward's call order: ``vmap`` over keys equals the loop. Internal.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from tbfunc import random
+from tbfunc import _noise, random
 
 __all__ = ["DROPOUT_LAYERS", "active_dropout", "keyed_dropout"]
 
@@ -78,7 +79,7 @@ class _KeyedDropout(TorchFunctionMode):
         site = random.fold_in(self.key, self.calls)
         self.calls += 1
         numel = math.prod(shape)
-        draws = random.uniform_segments(site[None], [numel], like.dtype, like.device)
+        draws = _noise.draw(site[None], None, [numel], like.dtype, like.device, uniform=True)
         return draws.view(shape).add_(1 - p).floor_().mul_(scale)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tbfunc import random
+from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
 from tbfunc._forward import (
     Weights,
@@ -108,7 +108,7 @@ def draw(
 
 def dropout_keys(keys: Tensor) -> Tensor:
     """Per-sample keys for MC-dropout masks: ``fold_in(keys[s], hash32("dropout"))``."""
-    return random._fold_in_hashes(keys, [_DROPOUT])[0]
+    return _threefry.fold_in_hashes(keys, [_DROPOUT])[0]
 
 
 def choose(

@@ -14,7 +14,7 @@ import optree
 import torch
 from torch import Tensor
 
-from tbfunc import random
+from tbfunc import _noise, _threefry
 from tbfunc._checks import fail, is_wrapped
 from tbfunc.posterior import GAUSSIAN_FAMILIES, check_node, is_posterior
 
@@ -108,7 +108,9 @@ def sample_many(
         if isinstance(leaf, GAUSSIAN_FAMILIES):
             groups.setdefault((leaf.mu.dtype, leaf.mu.device), []).append(index)
         elif is_posterior(leaf):
-            node_keys = keys if hashes is None else random._fold_in_hashes(keys, [hashes[index]])[0]
+            node_keys = (
+                keys if hashes is None else _threefry.fold_in_hashes(keys, [hashes[index]])[0]
+            )
             drawn[index] = torch.stack([leaf.sample(k) for k in node_keys])
         elif isinstance(leaf, Tensor):
             drawn[index] = leaf.expand(count, *leaf.shape)
@@ -148,68 +150,17 @@ def _draw_gaussians(
     """``mu + sigma * eps`` with a leading axis ``S = len(keys)`` for each node; node ``l``'s
     draw ``s`` uses ``fold_in(keys[s], hashes[l])`` (``keys[s]`` itself without hashes).
 
-    On the CPU, plain eager code with nothing to differentiate writes ``mu + sigma * eps`` into
-    each noise segment right after drawing it, while it is in cache, and draws on every CPU
-    thread; this saves allocating and re-reading an S x P buffer. On GPUs with Triton the same
-    code draws and applies the affine map in one kernel. Otherwise the noise comes from
-    the ``tbfunc::normal_folded`` op (which derives the per-node keys itself, on the GPU in the
-    kernel), and the affine map is in place when nothing records it, out of place under
-    autograd, ``torch.func`` transforms or ``torch.compile`` (inductor fuses it). All paths give
-    the same bits.
+    One ``_noise.draw`` call: in plain eager code the kernel writes ``mu + sigma * eps`` itself
+    (no S x P noise buffer to re-read); under autograd, transforms and the compiler the noise
+    comes from the ``tbfunc::noise`` op and the affine map is tensor ops. Same bits either way.
     """
     count = keys.shape[0]
     numels = [node.mu.numel() for node in nodes]
-    sizes = [numel * count for numel in numels]
-    untracked = not torch.compiler.is_compiling() and not tracked(
-        keys, *(node.mu for node in nodes), *sigmas
-    )
-    if untracked and device.type == "cpu":
-        return _draw_fused_on_cpu(nodes, sigmas, keys, hashes, sizes, dtype, device)
-    if untracked and hashes is not None:
-        fused = random.affine_folded(keys, hashes, [node.mu for node in nodes], sigmas)
-        if fused is not None:
-            return [
-                chunk.view(count, *node.mu.shape)
-                for node, chunk in zip(nodes, fused.split(sizes), strict=True)
-            ]
-    if hashes is None:
-        noise_flat = random.normal_segments(keys, numels * count, dtype, device)
-    else:
-        noise_flat = random.normal_folded(keys, hashes, numels, dtype, device)
-    draws = []
-    for node, sigma, noise in zip(nodes, sigmas, noise_flat.split(sizes), strict=True):
-        # with one draw, no broadcast over the sample axis: its backward needs no reduction
-        noise = noise.view(node.mu.shape) if count == 1 else noise.view(count, *node.mu.shape)
-        value = torch.addcmul(node.mu, sigma, noise, out=noise if untracked else None)
-        draws.append(value[None] if count == 1 else value)
-    return draws
-
-
-def _draw_fused_on_cpu(
-    nodes: list[Any],
-    sigmas: list[Tensor],
-    keys: Tensor,
-    hashes: list[int] | None,
-    sizes: list[int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> list[Tensor]:
-    """Write ``mu + sigma * eps`` into each noise segment right after drawing it (in cache)."""
-    count = keys.shape[0]
-    segment_keys = keys if hashes is None else random._fold_in_hashes(keys, hashes)
-    mus = [node.mu.reshape(-1) for node in nodes]
-    flat_sigmas = [sigma.reshape(-1) for sigma in sigmas]
-
-    def finish(index: int, segment: Tensor) -> None:
-        leaf = index // count
-        torch.addcmul(mus[leaf], flat_sigmas[leaf], segment, out=segment)
-
-    out = torch.empty(sum(sizes), dtype=dtype, device=device)
-    numels = [node.mu.numel() for node in nodes for _ in range(count)]
-    random.fill_noise_(out, segment_keys.reshape(-1, 2).tolist(), numels, finish)
+    mus = [node.mu for node in nodes]
+    flat = _noise.draw(keys, hashes, numels, dtype, device, affine=(mus, sigmas))
     return [
-        chunk.view(count, *node.mu.shape)
-        for node, chunk in zip(nodes, out.split(sizes), strict=True)
+        chunk.view(count, *mu.shape)
+        for mu, chunk in zip(mus, flat.split([n * count for n in numels]), strict=True)
     ]
 
 

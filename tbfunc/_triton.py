@@ -96,7 +96,7 @@ def _four_odd(x0, x1):
 @triton.jit
 def _threefry_fold(k0, k1, data):
     """fold_in: Threefry-2x32 (20 rounds) of the counter (0, data) under key (k0, k1),
-    as ``tbfunc.random._threefry2x32`` (uint32 arithmetic wraps by itself here)."""
+    as ``tbfunc._threefry.threefry2x32`` (uint32 arithmetic wraps by itself here)."""
     ks2 = k0 ^ k1 ^ 0x1BD11BDA
     x0, x1 = _four_even(k0, data + k1)
     x0, x1 = _four_odd(x0 + k1, x1 + ks2 + 1)

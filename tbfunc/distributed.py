@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-from tbfunc import random
+from tbfunc import _threefry, random
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._forward import Strategy, rng_guard
 from tbfunc._predicting import check_args, choose, predict_keys, prepare
@@ -103,7 +103,7 @@ def predict(
     _check_initialized("distributed.predict")
     names, device = prepare(module, posterior, args, kwargs, "distributed.predict", dropout)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    keys = random._split(key, count)
+    keys = _threefry.split(key, count)
     mine = shard(count, rank=rank, world_size=world)
     error: BaseException | None = None
     local: Any = None

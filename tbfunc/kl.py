@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tbfunc import random
+from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, fail
 from tbfunc._sampling import check_finite, posterior_nodes, sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
@@ -89,7 +89,7 @@ def kl_divergence(
                 stacklevel=2,
             )
         assert key is not None and count is not None
-        draws = sample_many(posterior, random._split(key, count), check=False)  # checked above
+        draws = sample_many(posterior, _threefry.split(key, count), check=False)  # checked above
         total = kl_from_draws(posterior, prior, draws)
     elif not all(exact):
         kinds = sorted(

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import optree
 from torch import Tensor, nn
 
-from tbfunc import random
+from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
 from tbfunc._forward import Strategy, rng_guard, run
 from tbfunc._predicting import check_args, choose, draw, predict_keys, prepare
@@ -123,7 +123,7 @@ def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> An
     count = check_optional_positive_int(num_samples, "num_samples")
     if count is None:
         return optree.tree_map(lambda x: x[0], sample_many(posterior, key[None]))
-    return sample_many(posterior, random._split(key, count))
+    return sample_many(posterior, _threefry.split(key, count))
 
 
 def mean(posterior: Any) -> Any:
@@ -202,7 +202,7 @@ def predict(
     """
     key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
     names, device = prepare(module, posterior, args, kwargs, "predict", dropout)
-    keys = random._split(key, count)
+    keys = _threefry.split(key, count)
     with rng_guard("predict", device):
         return predict_keys(
             module, posterior, names, keys, args, kwargs, chunk, strategy, "predict", dropout
@@ -238,7 +238,7 @@ def choose_strategy(
 
 
 def _path_key(key: Tensor, name: str) -> Tensor:
-    return random._fold_in_hashes(key, [hash32(name)])[0]
+    return _threefry.fold_in_hashes(key, [hash32(name)])[0]
 
 
 def _select(

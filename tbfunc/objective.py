@@ -15,7 +15,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from tbfunc import random
+from tbfunc import _threefry
 from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 from tbfunc._forward import (
     Strategy,
@@ -109,7 +109,7 @@ def nelbo(
     # softplus(rho) once per node, shared by the draws and the closed-form KL
     leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
-    sample_keys = random._split(key, count)
+    sample_keys = _threefry.split(key, count)
     draws = sample_many(posterior, sample_keys, sigmas, check=False)
     pinned = pin_fixed_rows(module, names, draws)
     masks = dropout_keys(sample_keys) if dropout else None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Normal
 
-from tbfunc import random
+from tbfunc import _noise, random
 from tbfunc._checks import check_key, check_tensor, fail
 
 __all__ = ["GaussianPosterior", "PretrainedGaussianPosterior", "VariationalPosterior"]
@@ -196,10 +196,15 @@ def is_posterior_type(kind: type) -> bool:
 
 
 def _reparametrized(mu: Tensor, sigma: Tensor, key: Tensor) -> Tensor:
-    """``mu + sigma * eps``: differentiable in ``mu`` and ``sigma`` (Kingma & Welling 2014)."""
+    """``mu + sigma * eps``: differentiable in ``mu`` and ``sigma`` (Kingma & Welling 2014).
+
+    The same ``_noise.draw`` call as a whole tree's, so a node drawn alone and in a tree agree
+    bit for bit (two roundings, as the kernel: not ``addcmul``, which fuses into an FMA)."""
     key = check_key(key)
-    eps = random.normal(key, mu.shape, dtype=mu.dtype, device=mu.device)
-    return torch.addcmul(mu, sigma, eps)
+    if not isinstance(sigma, Tensor) or sigma.shape != mu.shape:
+        sigma = torch.as_tensor(sigma, dtype=mu.dtype, device=mu.device).expand(mu.shape)
+    flat = _noise.draw(key[None], None, [mu.numel()], mu.dtype, mu.device, affine=([mu], [sigma]))
+    return flat.view(mu.shape)
 
 
 def _initial_rho(

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import tbfunc as tb
 from tbfunc import testing
-from tbfunc.random import _threefry2x32
+from tbfunc._threefry import threefry2x32 as _threefry2x32
 
 M = 0xFFFFFFFF
 
@@ -192,19 +192,22 @@ def test_bad_arguments():
 @given(testing.keys(), st.integers(0, 2**64 - 1), st.integers(1, 4))
 def test_python_and_tensor_threefry_agree(key, data, num):
     """The eager Python-int path and the tensor-op path (used under vmap/compile) are one function."""
-    from tbfunc import random as r
+    from tbfunc import _threefry as r
 
     word = torch.tensor(data - 2**64 if data >= 2**63 else data)
     x0, x1 = _threefry2x32(key[0], key[1], (word >> 32) & M, word & M)
-    assert r._fold_in(key, word).tolist() == [int(x0), int(x1)]
+    assert r.fold_in(key, word).tolist() == [int(x0), int(x1)]
     counter = torch.arange(num)
     y0, y1 = _threefry2x32(key[0:1], key[1:2], torch.zeros_like(counter), counter)
-    assert r._split(key, num).tolist() == torch.stack((y0, y1), -1).tolist()
+    assert r.split(key, num).tolist() == torch.stack((y0, y1), -1).tolist()
 
 
 def test_normal_folded_segments_and_vmap():
     """The op behind tb.sample: node-major segments keyed by fold_in(keys[s], hashes[l])."""
-    from tbfunc.random import normal_folded
+    from tbfunc._noise import draw
+
+    def normal_folded(keys, hashes, numels, dtype, device):
+        return draw(keys, hashes, numels, dtype, device)
 
     keys = tb.random.split(tb.random.key(4), 3)
     hashes, numels = [5, 2**32 - 1, 77], [4, 20, 1]
@@ -250,8 +253,8 @@ def test_keys_that_a_weak_seed_mix_would_merge_draw_different_noise(a, b):
 def test_large_draws_do_not_depend_on_the_thread_count():
     """Above the parallel threshold the CPU draws on every thread; the bits must not move, and
     every (node, sample) segment must equal node.sample(fold_in(split(key, S)[s], hash))."""
+    from tbfunc._noise import _PARALLEL_MIN_NUMEL
     from tbfunc._sampling import hash32
-    from tbfunc.random import _PARALLEL_MIN_NUMEL
 
     post = {
         "big.weight": tb.PretrainedGaussianPosterior(torch.zeros(300, 700), torch.zeros(300, 700)),

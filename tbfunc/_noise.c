@@ -1,0 +1,299 @@
+/* tbfunc's CPU noise kernel: counter-based, so every segment of noise is a pure function of its
+ * 64-bit key and each element a pure function of (key, index).
+ *
+ * Element i of a segment keyed by words (w0, w1) comes from block b = i / 4 of Philox-4x32-10
+ * (Salmon et al. 2011) with key (w0, w1) and counter (b mod 2**32, b / 2**32, 0, 0); the block's
+ * four words (x0, x1, x2, x3) give elements 4b..4b+3:
+ *   normal:  Box-Muller on (x0, x1) and (x2, x3): r cos(theta), r sin(theta) with
+ *            r = sqrt(-2 ln u), u = (x >> 1) * 2**-31 + 2**-32 in (0, 1], theta = 2 pi y / 2**32;
+ *   uniform: (x >> 8) * 2**-24 in [0, 1).
+ * The arithmetic is float32 with a fixed order of operations and no contraction into FMAs
+ * (built with -ffp-contract=off), using only +, -, *, sqrt, int<->float conversions and bit
+ * operations, all exactly rounded by IEEE 754. So tbfunc._philox, the same steps written in
+ * torch tensor ops, reproduces it bit for bit, and the vectorised and scalar parts of a loop
+ * agree. ln, sin and cos are Cephes' float32 polynomials (Moshier); theta's range reduction is
+ * exact because it is done on the integer. float64 outputs widen the float32 noise.
+ *
+ * Segments: "nodes" l = 0..L-1 of numels[l] elements times "samples" s = 0..S-1, node-major:
+ * segment (l, s) starts at S * sum(numels[:l]) + s * numels[l]. Its key is
+ * fold_in(keys[s], hashes[l]) (Threefry-2x32, 20 rounds) when hashes is given, else keys[l*S+s].
+ * With mus/sigmas (addresses of each node's contiguous mu and sigma), the kernel writes
+ * mu + sigma * eps (one rounding after the product, one after the sum) instead of eps.
+ * tb_fill writes the flat elements [begin, end), so callers split the work over threads. */
+
+#include <stdint.h>
+#include <string.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+#define BLOCKS 64 /* Philox blocks per batch: 256 elements, small enough to stay in L1 */
+
+static const uint32_t PHILOX_M0 = 0xD2511F53u, PHILOX_M1 = 0xCD9E8D57u;
+static const uint32_t PHILOX_W0 = 0x9E3779B9u, PHILOX_W1 = 0xBB67AE85u;
+
+static inline uint32_t rotl(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
+
+void tb_threefry(int64_t n, const int64_t *keys, int64_t key_step, const int64_t *data,
+                 int64_t data_step, int64_t *out) {
+    /* out[i] = threefry2x32(keys[i*key_step], (data[i*data_step] >> 32, data & 0xFFFFFFFF)) */
+    static const int rot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t k[3];
+        k[0] = (uint32_t)keys[2 * i * key_step];
+        k[1] = (uint32_t)keys[2 * i * key_step + 1];
+        k[2] = k[0] ^ k[1] ^ 0x1BD11BDAu;
+        uint64_t d = (uint64_t)data[i * data_step];
+        uint32_t x0 = (uint32_t)(d >> 32) + k[0], x1 = (uint32_t)d + k[1];
+        for (int block = 0; block < 5; block++) {
+            for (int j = 0; j < 4; j++) {
+                x0 += x1;
+                x1 = rotl(x1, rot[block % 2][j]) ^ x0;
+            }
+            x0 += k[(block + 1) % 3];
+            x1 += k[(block + 2) % 3] + (uint32_t)(block + 1);
+        }
+        out[2 * i] = x0;
+        out[2 * i + 1] = x1;
+    }
+}
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+
+/* (hi, lo) halves of the 32 x 32 -> 64-bit products of 8 lanes by one constant */
+static inline void mul_wide(__m256i x, __m256i m, __m256i *hi, __m256i *lo) {
+    __m256i even = _mm256_mul_epu32(x, m);
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+#endif
+
+static void philox(uint32_t k0, uint32_t k1, uint64_t first, uint32_t x[4][BLOCKS]) {
+    uint32_t *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];
+    for (int i = 0; i < BLOCKS; i++) {
+        uint64_t block = first + (uint64_t)i;
+        x0[i] = (uint32_t)block;
+        x1[i] = (uint32_t)(block >> 32);
+        x2[i] = 0;
+        x3[i] = 0;
+    }
+#if defined(__AVX2__)
+    const __m256i m0 = _mm256_set1_epi32((int)PHILOX_M0), m1 = _mm256_set1_epi32((int)PHILOX_M1);
+    for (int i = 0; i < BLOCKS; i += 8) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(x0 + i));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(x1 + i));
+        __m256i c = _mm256_loadu_si256((const __m256i *)(x2 + i));
+        __m256i d = _mm256_loadu_si256((const __m256i *)(x3 + i));
+        uint32_t r0 = k0, r1 = k1;
+        for (int round = 0; round < 10; round++) {
+            __m256i hi0, lo0, hi1, lo1;
+            mul_wide(a, m0, &hi0, &lo0);
+            mul_wide(c, m1, &hi1, &lo1);
+            a = _mm256_xor_si256(_mm256_xor_si256(hi1, b), _mm256_set1_epi32((int)r0));
+            c = _mm256_xor_si256(_mm256_xor_si256(hi0, d), _mm256_set1_epi32((int)r1));
+            b = lo1;
+            d = lo0;
+            r0 += PHILOX_W0;
+            r1 += PHILOX_W1;
+        }
+        _mm256_storeu_si256((__m256i *)(x0 + i), a);
+        _mm256_storeu_si256((__m256i *)(x1 + i), b);
+        _mm256_storeu_si256((__m256i *)(x2 + i), c);
+        _mm256_storeu_si256((__m256i *)(x3 + i), d);
+    }
+#else
+    for (int round = 0; round < 10; round++) {
+        for (int i = 0; i < BLOCKS; i++) {
+            uint64_t p0 = (uint64_t)PHILOX_M0 * x0[i];
+            uint64_t p1 = (uint64_t)PHILOX_M1 * x2[i];
+            uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1[i] ^ k0;
+            uint32_t y2 = (uint32_t)(p0 >> 32) ^ x3[i] ^ k1;
+            x1[i] = (uint32_t)p1;
+            x3[i] = (uint32_t)p0;
+            x0[i] = y0;
+            x2[i] = y2;
+        }
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+#endif
+}
+
+void tb_philox(int64_t k0, int64_t k1, int64_t block, int64_t *out) {
+    /* The four words of one block, for known-answer tests. */
+    uint32_t x[4][BLOCKS];
+    philox((uint32_t)k0, (uint32_t)k1, (uint64_t)block, x);
+    for (int j = 0; j < 4; j++) out[j] = x[j][0];
+}
+
+/* Constants: float32 values, spelled in hex so that tbfunc._philox uses the very same ones. */
+#define SQRT_HALF 0x1.6a09e6p-1f
+#define LOG_P0 0x1.204376p-4f /* Cephes logf: 7.0376836292E-2, ... */
+#define LOG_P1 -0x1.d7a37p-4f
+#define LOG_P2 0x1.de4a34p-4f
+#define LOG_P3 -0x1.fcba9ep-4f
+#define LOG_P4 0x1.23d37ep-3f
+#define LOG_P5 -0x1.555cap-3f
+#define LOG_P6 0x1.999d58p-3f
+#define LOG_P7 -0x1.fffff8p-3f
+#define LOG_P8 0x1.555554p-2f
+#define LN2_LO -0x1.bd0106p-13f
+#define LN2_HI 0x1.63p-1f
+#define SIN_P0 -0x1.9943f2p-13f
+#define SIN_P1 0x1.11073cp-7f
+#define SIN_P2 -0x1.555546p-3f
+#define COS_P0 0x1.99eb9cp-16f
+#define COS_P1 -0x1.6c0c34p-10f
+#define COS_P2 0x1.55554ap-5f
+#define OCTANT_STEP 0x1.921fb6p-30f /* (pi / 4) / 2**29 */
+
+typedef union {
+    float f;
+    int32_t i;
+} word32;
+
+static inline float radius(uint32_t word) {
+    /* sqrt(-2 ln u), u = (word >> 1) * 2**-31 + 2**-32 in (0, 1] */
+    word32 u = {.f = (float)(int32_t)(word >> 1) * 0x1p-31f + 0x1p-32f};
+    int32_t e = (u.i >> 23) - 126; /* u = m * 2**e, m in [0.5, 1) */
+    word32 m = {.i = (u.i & 0x007FFFFF) | 0x3F000000};
+    int32_t below = m.f < SQRT_HALF;
+    float wide = (m.f + m.f) - 1.0f, narrow = m.f - 1.0f;
+    float x = below ? wide : narrow;
+    e = e - below;
+    float z = x * x;
+    float y = LOG_P0;
+    y = y * x + LOG_P1;
+    y = y * x + LOG_P2;
+    y = y * x + LOG_P3;
+    y = y * x + LOG_P4;
+    y = y * x + LOG_P5;
+    y = y * x + LOG_P6;
+    y = y * x + LOG_P7;
+    y = y * x + LOG_P8;
+    y = y * x * z;
+    float fe = (float)e;
+    y = y + LN2_LO * fe;
+    y = y + -0.5f * z;
+    x = x + y;
+    x = x + LN2_HI * fe; /* ln u <= 0 */
+    return __builtin_sqrtf(-2.0f * x);
+}
+
+static inline float cosine(uint32_t word, uint32_t quarter_turns_back) {
+    /* cos(theta - quarter_turns_back * pi/2), theta = 2 pi word / 2**32; 1 gives sin(theta) */
+    uint32_t octant = word >> 29;
+    int32_t frac = (int32_t)(word & 0x1FFFFFFFu);
+    int32_t odd = (int32_t)(octant & 1u);
+    /* odd octants measure the angle back from the next quarter turn: exact in integers */
+    int32_t steps = odd ? 0x20000000 - frac : frac;
+    float x = (float)steps * OCTANT_STEP; /* [0, pi/4] */
+    float z = x * x;
+    float s = SIN_P0;
+    s = s * z + SIN_P1;
+    s = s * z + SIN_P2;
+    s = s * z * x + x;
+    float c = COS_P0;
+    c = c * z + COS_P1;
+    c = c * z + COS_P2;
+    c = c * z * z + -0.5f * z + 1.0f;
+    float sin_q = odd ? c : s, cos_q = odd ? s : c; /* within the quarter turn */
+    uint32_t q = ((octant >> 1) - quarter_turns_back) & 3u;
+    float value = (q & 1u) ? sin_q : cos_q;
+    return (q == 1u || q == 2u) ? -value : value;
+}
+
+static void batch(int uniform, uint32_t k0, uint32_t k1, uint64_t first, float *restrict out) {
+    uint32_t x[4][BLOCKS];
+    float y[4][BLOCKS];
+    philox(k0, k1, first, x);
+    if (uniform) {
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < BLOCKS; i++) y[j][i] = (float)(int32_t)(x[j][i] >> 8) * 0x1p-24f;
+    } else {
+        float r[2][BLOCKS];
+        for (int j = 0; j < 2; j++)
+            for (int i = 0; i < BLOCKS; i++) r[j][i] = radius(x[2 * j][i]);
+        for (int j = 0; j < 4; j++)
+            for (int i = 0; i < BLOCKS; i++) y[j][i] = r[j / 2][i] * cosine(x[j | 1][i], (uint32_t)(j & 1));
+    }
+#if defined(__SSE__)
+    for (int i = 0; i < BLOCKS; i += 4) { /* a 4 x 4 transpose: element 4i + j is word j of block i */
+        __m128 a = _mm_loadu_ps(y[0] + i), b = _mm_loadu_ps(y[1] + i);
+        __m128 c = _mm_loadu_ps(y[2] + i), d = _mm_loadu_ps(y[3] + i);
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        _mm_storeu_ps(out + 4 * i, a);
+        _mm_storeu_ps(out + 4 * i + 4, b);
+        _mm_storeu_ps(out + 4 * i + 8, c);
+        _mm_storeu_ps(out + 4 * i + 12, d);
+    }
+#else
+    for (int i = 0; i < BLOCKS; i++)
+        for (int j = 0; j < 4; j++) out[4 * i + j] = y[j][i];
+#endif
+}
+
+/* Elements [a, b) of one segment, written to dst[0 .. b-a). */
+static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a, int64_t b,
+                    void *dst, const void *mu, const void *sigma) {
+    float eps[4 * BLOCKS];
+    int64_t first = a / 4;
+    while (a < b) {
+        batch(uniform, k0, k1, (uint64_t)first, eps);
+        int64_t lo = a - 4 * first, hi = b - 4 * first;
+        if (hi > 4 * BLOCKS) hi = 4 * BLOCKS;
+        int64_t n = hi - lo;
+        if (dtype == 0 && mu) {
+            const float *m = (const float *)mu + a, *s = (const float *)sigma + a;
+            float *o = (float *)dst;
+            for (int64_t i = 0; i < n; i++) {
+                float t = s[i] * eps[lo + i];
+                o[i] = m[i] + t;
+            }
+        } else if (dtype == 0) {
+            memcpy(dst, eps + lo, (size_t)n * sizeof(float));
+        } else if (mu) {
+            const double *m = (const double *)mu + a, *s = (const double *)sigma + a;
+            double *o = (double *)dst;
+            for (int64_t i = 0; i < n; i++) {
+                double t = s[i] * (double)eps[lo + i];
+                o[i] = m[i] + t;
+            }
+        } else {
+            double *o = (double *)dst;
+            for (int64_t i = 0; i < n; i++) o[i] = (double)eps[lo + i];
+        }
+        dst = (char *)dst + n * (dtype == 0 ? 4 : 8);
+        a += n;
+        first += BLOCKS;
+    }
+}
+
+/* Write elements [begin, end) of the flat output (see the header for the layout). */
+void tb_fill(int32_t uniform, int32_t dtype, void *out, int64_t begin, int64_t end,
+             int64_t samples, const int64_t *keys, int64_t nodes, const int64_t *hashes,
+             const int64_t *numels, const int64_t *mus, const int64_t *sigmas) {
+    int64_t start = 0;
+    size_t width = dtype == 0 ? 4 : 8;
+    for (int64_t l = 0; l < nodes && start < end; l++) {
+        int64_t n = numels[l];
+        for (int64_t s = 0; s < samples; s++, start += n) {
+            int64_t a = begin > start ? begin - start : 0;
+            int64_t b = end < start + n ? end - start : n;
+            if (a >= b) continue;
+            int64_t word[2];
+            if (hashes) {
+                tb_threefry(1, keys + 2 * s, 0, hashes + l, 0, word);
+            } else {
+                word[0] = keys[2 * (l * samples + s)];
+                word[1] = keys[2 * (l * samples + s) + 1];
+            }
+            const void *mu = mus ? (const void *)(intptr_t)mus[l] : 0;
+            const void *sigma = sigmas ? (const void *)(intptr_t)sigmas[l] : 0;
+            segment(uniform, dtype, (uint32_t)word[0], (uint32_t)word[1], a, b,
+                    (char *)out + (start + a) * width, mu, sigma);
+        }
+    }
+}
