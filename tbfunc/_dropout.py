@@ -79,7 +79,7 @@ class _KeyedDropout(TorchFunctionMode):
         site = random.fold_in(self.key, self.calls)
         self.calls += 1
         numel = math.prod(shape)
-        draws = _noise.draw(site[None], None, [numel], like.dtype, like.device, uniform=True)
+        draws = _noise.noise(site[None], None, [numel], like.dtype, like.device, uniform=True)
         return draws.view(shape).add_(1 - p).floor_().mul_(scale)
 
 

@@ -64,8 +64,10 @@ def kernel() -> ctypes.CDLL | None:
         return None
     library.tb_fill.argtypes = [_I32, _I32, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P]
     library.tb_fill.restype = None
-    library.tb_threefry.argtypes = [_I64, _P, _I64, _P, _I64, _P]
-    library.tb_threefry.restype = None
+    library.tb_fold_in.argtypes = [_I64, _P, _P]
+    library.tb_fold_in.restype = None
+    library.tb_split.argtypes = [_I64, _I64, _I64, _P]
+    library.tb_split.restype = None
     library.tb_philox.argtypes = [_I64, _I64, _I64, _P]
     library.tb_philox.restype = None
     return library

@@ -19,7 +19,8 @@
  * fold_in(keys[s], hashes[l]) (Threefry-2x32, 20 rounds) when hashes is given, else keys[l*S+s].
  * With mus/sigmas (addresses of each node's contiguous mu and sigma), the kernel writes
  * mu + sigma * eps (one rounding after the product, one after the sum) instead of eps.
- * tb_fill writes the flat elements [begin, end), so callers split the work over threads. */
+ * tb_fill writes elements [begin, end) of the concatenated segments, so callers split the work
+ * over threads; each node's segments go to its own output buffer. */
 
 #include <stdint.h>
 #include <string.h>
@@ -34,28 +35,33 @@ static const uint32_t PHILOX_W0 = 0x9E3779B9u, PHILOX_W1 = 0xBB67AE85u;
 
 static inline uint32_t rotl(uint32_t x, int r) { return (x << r) | (x >> (32 - r)); }
 
-void tb_threefry(int64_t n, const int64_t *keys, int64_t key_step, const int64_t *data,
-                 int64_t data_step, int64_t *out) {
-    /* out[i] = threefry2x32(keys[i*key_step], (data[i*data_step] >> 32, data & 0xFFFFFFFF)) */
+static void threefry(uint32_t k0, uint32_t k1, uint64_t data, int64_t *out) {
+    /* Threefry-2x32, 20 rounds, of the counter (data >> 32, data & 0xFFFFFFFF) */
     static const int rot[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t k[3];
-        k[0] = (uint32_t)keys[2 * i * key_step];
-        k[1] = (uint32_t)keys[2 * i * key_step + 1];
-        k[2] = k[0] ^ k[1] ^ 0x1BD11BDAu;
-        uint64_t d = (uint64_t)data[i * data_step];
-        uint32_t x0 = (uint32_t)(d >> 32) + k[0], x1 = (uint32_t)d + k[1];
-        for (int block = 0; block < 5; block++) {
-            for (int j = 0; j < 4; j++) {
-                x0 += x1;
-                x1 = rotl(x1, rot[block % 2][j]) ^ x0;
-            }
-            x0 += k[(block + 1) % 3];
-            x1 += k[(block + 2) % 3] + (uint32_t)(block + 1);
+    uint32_t k[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
+    uint32_t x0 = (uint32_t)(data >> 32) + k[0], x1 = (uint32_t)data + k[1];
+    for (int block = 0; block < 5; block++) {
+        for (int j = 0; j < 4; j++) {
+            x0 += x1;
+            x1 = rotl(x1, rot[block % 2][j]) ^ x0;
         }
-        out[2 * i] = x0;
-        out[2 * i + 1] = x1;
+        x0 += k[(block + 1) % 3];
+        x1 += k[(block + 2) % 3] + (uint32_t)(block + 1);
     }
+    out[0] = x0;
+    out[1] = x1;
+}
+
+void tb_fold_in(int64_t n, const int64_t *triples, int64_t *out) {
+    /* out[i] = fold_in((triples[3i], triples[3i+1]), triples[3i+2]) */
+    for (int64_t i = 0; i < n; i++)
+        threefry((uint32_t)triples[3 * i], (uint32_t)triples[3 * i + 1],
+                 (uint64_t)triples[3 * i + 2], out + 2 * i);
+}
+
+void tb_split(int64_t k0, int64_t k1, int64_t num, int64_t *out) {
+    /* out[i] = split(key, num)[i] = fold_in(key, i) */
+    for (int64_t i = 0; i < num; i++) threefry((uint32_t)k0, (uint32_t)k1, (uint64_t)i, out + 2 * i);
 }
 
 #if defined(__AVX2__)
@@ -70,9 +76,9 @@ static inline void mul_wide(__m256i x, __m256i m, __m256i *hi, __m256i *lo) {
 }
 #endif
 
-static void philox(uint32_t k0, uint32_t k1, uint64_t first, uint32_t x[4][BLOCKS]) {
+static void philox(uint32_t k0, uint32_t k1, uint64_t first, int count, uint32_t x[4][BLOCKS]) {
     uint32_t *restrict x0 = x[0], *restrict x1 = x[1], *restrict x2 = x[2], *restrict x3 = x[3];
-    for (int i = 0; i < BLOCKS; i++) {
+    for (int i = 0; i < count; i++) {
         uint64_t block = first + (uint64_t)i;
         x0[i] = (uint32_t)block;
         x1[i] = (uint32_t)(block >> 32);
@@ -81,7 +87,7 @@ static void philox(uint32_t k0, uint32_t k1, uint64_t first, uint32_t x[4][BLOCK
     }
 #if defined(__AVX2__)
     const __m256i m0 = _mm256_set1_epi32((int)PHILOX_M0), m1 = _mm256_set1_epi32((int)PHILOX_M1);
-    for (int i = 0; i < BLOCKS; i += 8) {
+    for (int i = 0; i < count; i += 8) {
         __m256i a = _mm256_loadu_si256((const __m256i *)(x0 + i));
         __m256i b = _mm256_loadu_si256((const __m256i *)(x1 + i));
         __m256i c = _mm256_loadu_si256((const __m256i *)(x2 + i));
@@ -105,7 +111,7 @@ static void philox(uint32_t k0, uint32_t k1, uint64_t first, uint32_t x[4][BLOCK
     }
 #else
     for (int round = 0; round < 10; round++) {
-        for (int i = 0; i < BLOCKS; i++) {
+        for (int i = 0; i < count; i++) {
             uint64_t p0 = (uint64_t)PHILOX_M0 * x0[i];
             uint64_t p1 = (uint64_t)PHILOX_M1 * x2[i];
             uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1[i] ^ k0;
@@ -124,7 +130,7 @@ static void philox(uint32_t k0, uint32_t k1, uint64_t first, uint32_t x[4][BLOCK
 void tb_philox(int64_t k0, int64_t k1, int64_t block, int64_t *out) {
     /* The four words of one block, for known-answer tests. */
     uint32_t x[4][BLOCKS];
-    philox((uint32_t)k0, (uint32_t)k1, (uint64_t)block, x);
+    philox((uint32_t)k0, (uint32_t)k1, (uint64_t)block, 8, x);
     for (int j = 0; j < 4; j++) out[j] = x[j][0];
 }
 
@@ -182,8 +188,8 @@ static inline float radius(uint32_t word) {
     return __builtin_sqrtf(-2.0f * x);
 }
 
-static inline float cosine(uint32_t word, uint32_t quarter_turns_back) {
-    /* cos(theta - quarter_turns_back * pi/2), theta = 2 pi word / 2**32; 1 gives sin(theta) */
+static inline void polar(uint32_t word, float r, float *cos_out, float *sin_out) {
+    /* r cos(theta), r sin(theta) for theta = 2 pi word / 2**32 */
     uint32_t octant = word >> 29;
     int32_t frac = (int32_t)(word & 0x1FFFFFFFu);
     int32_t odd = (int32_t)(octant & 1u);
@@ -200,27 +206,27 @@ static inline float cosine(uint32_t word, uint32_t quarter_turns_back) {
     c = c * z + COS_P2;
     c = c * z * z + -0.5f * z + 1.0f;
     float sin_q = odd ? c : s, cos_q = odd ? s : c; /* within the quarter turn */
-    uint32_t q = ((octant >> 1) - quarter_turns_back) & 3u;
-    float value = (q & 1u) ? sin_q : cos_q;
-    return (q == 1u || q == 2u) ? -value : value;
+    uint32_t q = octant >> 1;                        /* then q quarter turns on */
+    float cv = (q & 1u) ? sin_q : cos_q, sv = (q & 1u) ? cos_q : sin_q;
+    *cos_out = r * ((q == 1u || q == 2u) ? -cv : cv);
+    *sin_out = r * (q >= 2u ? -sv : sv);
 }
 
-static void batch(int uniform, uint32_t k0, uint32_t k1, uint64_t first, float *restrict out) {
+/* Values of blocks [first, first + count) (count a multiple of 8, at most BLOCKS), in order. */
+static void batch(int uniform, uint32_t k0, uint32_t k1, uint64_t first, int count,
+                  float *restrict out) {
     uint32_t x[4][BLOCKS];
     float y[4][BLOCKS];
-    philox(k0, k1, first, x);
+    philox(k0, k1, first, count, x);
     if (uniform) {
         for (int j = 0; j < 4; j++)
-            for (int i = 0; i < BLOCKS; i++) y[j][i] = (float)(int32_t)(x[j][i] >> 8) * 0x1p-24f;
+            for (int i = 0; i < count; i++) y[j][i] = (float)(int32_t)(x[j][i] >> 8) * 0x1p-24f;
     } else {
-        float r[2][BLOCKS];
-        for (int j = 0; j < 2; j++)
-            for (int i = 0; i < BLOCKS; i++) r[j][i] = radius(x[2 * j][i]);
-        for (int j = 0; j < 4; j++)
-            for (int i = 0; i < BLOCKS; i++) y[j][i] = r[j / 2][i] * cosine(x[j | 1][i], (uint32_t)(j & 1));
+        for (int j = 0; j < 4; j += 2)
+            for (int i = 0; i < count; i++) polar(x[j + 1][i], radius(x[j][i]), &y[j][i], &y[j + 1][i]);
     }
 #if defined(__SSE__)
-    for (int i = 0; i < BLOCKS; i += 4) { /* a 4 x 4 transpose: element 4i + j is word j of block i */
+    for (int i = 0; i < count; i += 4) { /* a 4 x 4 transpose: element 4i + j is word j of block i */
         __m128 a = _mm_loadu_ps(y[0] + i), b = _mm_loadu_ps(y[1] + i);
         __m128 c = _mm_loadu_ps(y[2] + i), d = _mm_loadu_ps(y[3] + i);
         _MM_TRANSPOSE4_PS(a, b, c, d);
@@ -230,7 +236,7 @@ static void batch(int uniform, uint32_t k0, uint32_t k1, uint64_t first, float *
         _mm_storeu_ps(out + 4 * i + 12, d);
     }
 #else
-    for (int i = 0; i < BLOCKS; i++)
+    for (int i = 0; i < count; i++)
         for (int j = 0; j < 4; j++) out[4 * i + j] = y[j][i];
 #endif
 }
@@ -241,9 +247,10 @@ static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a,
     float eps[4 * BLOCKS];
     int64_t first = a / 4;
     while (a < b) {
-        batch(uniform, k0, k1, (uint64_t)first, eps);
         int64_t lo = a - 4 * first, hi = b - 4 * first;
         if (hi > 4 * BLOCKS) hi = 4 * BLOCKS;
+        int count = (int)(((hi + 3) / 4 + 7) / 8 * 8); /* the blocks needed, rounded up to 8 */
+        batch(uniform, k0, k1, (uint64_t)first, count, eps);
         int64_t n = hi - lo;
         if (dtype == 0 && mu) {
             const float *m = (const float *)mu + a, *s = (const float *)sigma + a;
@@ -271,21 +278,23 @@ static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a,
     }
 }
 
-/* Write elements [begin, end) of the flat output (see the header for the layout). */
-void tb_fill(int32_t uniform, int32_t dtype, void *out, int64_t begin, int64_t end,
+/* Write elements [begin, end) of the virtual concatenation of the nodes' outputs; node l's
+ * output, at address outs[l], holds its samples' segments one after another. */
+void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, int64_t begin, int64_t end,
              int64_t samples, const int64_t *keys, int64_t nodes, const int64_t *hashes,
              const int64_t *numels, const int64_t *mus, const int64_t *sigmas) {
     int64_t start = 0;
     size_t width = dtype == 0 ? 4 : 8;
     for (int64_t l = 0; l < nodes && start < end; l++) {
         int64_t n = numels[l];
+        char *out = (char *)(intptr_t)outs[l];
         for (int64_t s = 0; s < samples; s++, start += n) {
             int64_t a = begin > start ? begin - start : 0;
             int64_t b = end < start + n ? end - start : n;
             if (a >= b) continue;
             int64_t word[2];
             if (hashes) {
-                tb_threefry(1, keys + 2 * s, 0, hashes + l, 0, word);
+                threefry((uint32_t)keys[2 * s], (uint32_t)keys[2 * s + 1], (uint64_t)hashes[l], word);
             } else {
                 word[0] = keys[2 * (l * samples + s)];
                 word[1] = keys[2 * (l * samples + s) + 1];
@@ -293,7 +302,7 @@ void tb_fill(int32_t uniform, int32_t dtype, void *out, int64_t begin, int64_t e
             const void *mu = mus ? (const void *)(intptr_t)mus[l] : 0;
             const void *sigma = sigmas ? (const void *)(intptr_t)sigmas[l] : 0;
             segment(uniform, dtype, (uint32_t)word[0], (uint32_t)word[1], a, b,
-                    (char *)out + (start + a) * width, mu, sigma);
+                    out + (s * n + a) * (int64_t)width, mu, sigma);
         }
     }
 }

@@ -1,11 +1,12 @@
-"""Bulk noise: every draw tbfunc makes goes through ``draw`` (one entry, every device).
+"""Bulk noise: every draw tbfunc makes goes through ``noise`` or ``gaussian`` (every device).
 
 A draw is a list of segments. With ``hashes``, segment ``(l, s)`` (node-major) holds
 ``numels[l]`` values keyed by ``fold_in(keys[s], hashes[l])``: a whole posterior tree for S
 samples in one call, the per-segment keys derived where the noise is made (in C on the CPU, in
 the Triton kernel on GPUs). Without ``hashes``, segment ``t`` holds ``numels[t]`` values keyed
-by ``keys[t]``. ``draw`` can also apply ``mu + sigma * eps`` per node, fused into the kernel
-where one serves the device and nothing records the operations.
+by ``keys[t]`` (more generally ``keys[l * S + s]`` keys segment ``(l, s)``). ``gaussian`` also
+applies ``mu + sigma * eps`` per node, fused into the kernel where one serves the device and
+nothing records the operations.
 
 The streams (each a pure function of the whole 64-bit key and the index):
 - CPU: Philox-4x32-10 + Box-Muller (``_noise.c`` through ``_native``; ``_philox`` is the same
@@ -23,6 +24,7 @@ same bits. The global RNG is never read nor advanced.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import itertools
 import os
@@ -35,14 +37,14 @@ from torch import Tensor
 
 from tbfunc import _native, _philox, _threefry
 
-__all__ = ["draw"]
+__all__ = ["gaussian", "noise"]
 
 _PARALLEL_MIN_NUMEL = 1 << 16  # below this, handing work to threads costs more than it saves
 _pool: ThreadPoolExecutor | None = None
 _generators = threading.local()
 
 
-def draw(
+def noise(
     keys: Tensor,
     hashes: list[int] | None,
     numels: list[int],
@@ -50,30 +52,39 @@ def draw(
     device: torch.device,
     *,
     uniform: bool = False,
-    affine: tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> Tensor:
-    """Flat noise for the segments described in the module docstring.
+    """Flat N(0, 1) noise (U[0, 1) with ``uniform``) for the segments described above, through
+    the ``tbfunc::noise`` op. Internal: no argument checks."""
+    return torch.ops.tbfunc.noise(keys, hashes or [], numels, uniform, dtype, device)
 
-    With ``affine = (mus, sigmas)`` (one tensor per node, ``hashes`` given or one node) node
-    ``l``'s segments hold ``mu_l + sigma_l * eps`` (eps of the node's dtype, one rounding for
-    the product and one for the sum). Internal: no argument checks.
+
+def gaussian(
+    keys: Tensor, hashes: list[int] | None, mus: list[Tensor], sigmas: list[Tensor]
+) -> list[Tensor]:
+    """``mu_l + sigma_l * eps`` for every node ``l`` and sample ``s``: one ``(S, *mu_l.shape)``
+    tensor per node (S = ``len(keys)``), eps keyed as in ``noise``; all nodes share one dtype
+    and device.
+
+    In plain eager code the kernel writes the values itself (on the CPU in float32/float64, on
+    GPUs with Triton), so no S x P noise buffer is written and re-read. Under autograd,
+    ``torch.func`` transforms and ``torch.compile`` the noise comes from the op and the affine
+    map is tensor ops, ``mu + sigma * eps`` with one rounding after the product and one after
+    the sum, as in the kernel: the same bits either way. Internal: no argument checks.
     """
-    fused = affine is not None and not _recorded(keys, *affine[0], *affine[1])
-    if fused and affine is not None:
-        out = _fused(keys, hashes, numels, dtype, device, affine)
-        if out is not None:
-            return out
-    flat = torch.ops.tbfunc.noise(keys, hashes or [], numels, uniform, dtype, device)
-    if affine is None:
-        return flat
-    samples = _samples(keys, hashes, numels)
-    parts = []
-    for mu, sigma, eps in zip(*affine, flat.split([n * samples for n in numels]), strict=True):
-        eps = eps.view(mu.shape) if samples == 1 else eps.view(samples, *mu.shape)
-        # no broadcast over the sample axis with one draw: its backward needs no reduction
-        value = torch.add(mu, sigma * eps, out=eps if fused else None)
-        parts.append(value.reshape(-1))
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    count = keys.shape[0]
+    dtype, device = mus[0].dtype, mus[0].device
+    if not _recorded(keys, *mus, *sigmas):
+        fused = _fused(keys, hashes, mus, sigmas)
+        if fused is not None:
+            return fused
+    numels = [mu.numel() for mu in mus]
+    flat = noise(keys, hashes, numels, dtype, device)
+    draws = []
+    for mu, sigma, eps in zip(mus, sigmas, flat.split([n * count for n in numels]), strict=True):
+        # with one draw, no broadcast over the sample axis: its backward needs no reduction
+        value = mu + sigma * (eps.view(mu.shape) if count == 1 else eps.view(count, *mu.shape))
+        draws.append(value[None] if count == 1 else value)
+    return draws
 
 
 def _samples(keys: Tensor, hashes: list[int] | None, numels: list[int]) -> int:
@@ -87,33 +98,35 @@ def _recorded(*tensors: Tensor) -> bool:
         return True
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    # inside a transform even the buffers we would allocate are wrapped (no data pointer)
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _fused(
-    keys: Tensor,
-    hashes: list[int] | None,
-    numels: list[int],
-    dtype: torch.dtype,
-    device: torch.device,
-    affine: tuple[list[Tensor], list[Tensor]],
-) -> Tensor | None:
+    keys: Tensor, hashes: list[int] | None, mus: list[Tensor], sigmas: list[Tensor]
+) -> list[Tensor] | None:
     """The kernels that write ``mu + sigma * eps`` themselves, or None where none serves."""
-    mus, sigmas = affine
+    count = keys.shape[0]
+    dtype, device = mus[0].dtype, mus[0].device
     if device.type == "cpu" and dtype in (torch.float32, torch.float64):
         library = _native.kernel()
         if library is None:
             return None
         mus = [m.contiguous() for m in mus]
         sigmas = [s.contiguous() for s in sigmas]
-        out = torch.empty(_samples(keys, hashes, numels) * sum(numels), dtype=dtype)
-        _fill_native(library, out, keys, hashes, numels, False, mus, sigmas)
-        return out
+        outs = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
+        _fill_native(library, outs, keys, hashes, [m.numel() for m in mus], False, mus, sigmas)
+        return outs
     if hashes and _use_triton(device, dtype):
-        out = torch.empty(len(keys) * sum(numels), dtype=dtype, device=device)
+        numels = [m.numel() for m in mus]
+        out = torch.empty(count * sum(numels), dtype=dtype, device=device)
         flat_mu = torch.cat([m.reshape(-1) for m in mus])
         flat_sigma = torch.cat([s.reshape(-1) for s in sigmas])
-        return _triton().fill_(out, keys, numels, hashes, affine=(flat_mu, flat_sigma))
+        flat = _triton().fill_(out, keys, numels, hashes, affine=(flat_mu, flat_sigma))
+        return [
+            chunk.view(count, *m.shape)
+            for m, chunk in zip(mus, flat.split([n * count for n in numels]), strict=True)
+        ]
     return None
 
 
@@ -131,7 +144,9 @@ def _noise_eager(
         wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         if library is not None:
             out = torch.empty(total, dtype=wide)
-            _fill_native(library, out, keys, hashes, numels, uniform, None, None)
+            samples = _samples(keys, hashes, numels)
+            outs = list(out.split([samples * n for n in numels]))
+            _fill_native(library, outs, keys, hashes, numels, uniform, None, None)
         else:
             segment_keys, segment_numels = _segments(keys, hashes, numels)
             out = _philox.fill(segment_keys, segment_numels, uniform)
@@ -154,7 +169,7 @@ def _segments(keys: Tensor, hashes: list[int], numels: list[int]) -> tuple[Tenso
 
 def _fill_native(
     library: Any,
-    out: Tensor,
+    outs: list[Tensor],
     keys: Tensor,
     hashes: list[int] | None,
     numels: list[int],
@@ -162,38 +177,35 @@ def _fill_native(
     mus: list[Tensor] | None,
     sigmas: list[Tensor] | None,
 ) -> None:
-    """One kernel call per thread, each writing a contiguous run of the flat output."""
+    """Node ``l``'s segments into the contiguous ``outs[l]``; one kernel call per thread, each
+    writing a contiguous run of the concatenated segments."""
     keys = keys.contiguous()
     samples = _samples(keys, hashes, numels)
-    hashes = hashes or []
-    table = torch.tensor([*hashes, *numels], dtype=torch.int64)
     nodes = len(numels)
-    hash_ptr = table.data_ptr() if hashes else None
-    numel_ptr = table.data_ptr() + 8 * len(hashes)
-    addresses = None
-    if mus is not None and sigmas is not None:
-        addresses = torch.tensor(
-            [m.data_ptr() for m in mus] + [s.data_ptr() for s in sigmas], dtype=torch.int64
-        )
-    mu_ptr = addresses.data_ptr() if addresses is not None else None
-    sigma_ptr = mu_ptr + 8 * nodes if mu_ptr is not None else None
-    kind = 0 if out.dtype == torch.float32 else 1
-    total = out.numel()
+    # small tables as ctypes arrays: cheaper than tensors, and alive until the calls return
+    table = ctypes.c_int64 * nodes
+    out_table = table(*[out.data_ptr() for out in outs])
+    hash_table = table(*hashes) if hashes else None
+    numel_table = table(*numels)
+    mu_table = table(*[m.data_ptr() for m in mus]) if mus is not None else None
+    sigma_table = table(*[s.data_ptr() for s in sigmas]) if sigmas is not None else None
+    kind = 0 if outs[0].dtype == torch.float32 else 1
+    total = samples * sum(numels)
 
     def run(begin: int, end: int) -> None:
         library.tb_fill(
             int(uniform),
             kind,
-            out.data_ptr(),
+            out_table,
             begin,
             end,
             samples,
             keys.data_ptr(),
             nodes,
-            hash_ptr,
-            numel_ptr,
-            mu_ptr,
-            sigma_ptr,
+            hash_table,
+            numel_table,
+            mu_table,
+            sigma_table,
         )
 
     workers = min(torch.get_num_threads(), total // _PARALLEL_MIN_NUMEL)

@@ -8,7 +8,8 @@ Internal: the public entry points are ``tbfunc.sample`` and ``tbfunc.predict``.
 
 from __future__ import annotations
 
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -36,36 +37,75 @@ def canonical(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
+class _Layout(NamedTuple):
+    """What depends only on a tree's structure: its paths, canonical names and their hashes."""
+
+    paths: list[Any]
+    names: list[str]
+    hashes: list[int] | None  # None for a lone node at the root (drawn with the key itself)
+
+
+_LAYOUTS: dict[Any, _Layout] = {}
+_MAX_LAYOUTS = 256
+# id(tensor) -> (a weak reference to it, the version counter at which it was found finite): an
+# in-place update (an optimizer step, copy_) bumps the counter, so only tensors changed since
+# their last check are read again. An entry leaves with its tensor.
+_FINITE: dict[int, tuple[weakref.ref, int]] = {}
+
+
 def posterior_nodes(tree: Any) -> tuple[list[Any], list[str], list[int], Any, list[Any]]:
     """Flatten ``tree``: ``(leaves, canonical paths, posterior-node indices, spec, paths)``,
     with every Gaussian node's fields checked."""
-    paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
-    names = [canonical(".".join(str(part) for part in path)) for path in paths]
+    leaves, spec, layout = _flatten(tree)
     nodes = []
     for index, leaf in enumerate(leaves):
         if is_posterior(leaf):
-            check_node(leaf, _where(names[index]))
+            check_node(leaf, _where(layout.names[index]))
             nodes.append(index)
-    return leaves, names, nodes, spec, paths
+    return leaves, layout.names, nodes, spec, layout.paths
+
+
+def _flatten(tree: Any) -> tuple[list[Any], Any, _Layout]:
+    """Leaves, spec and layout; the layout is computed once per tree structure (eager)."""
+    if torch.compiler.is_compiling():
+        paths, leaves, spec = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
+        return leaves, spec, _layout(paths)
+    leaves, spec = optree.tree_flatten(tree, is_leaf=is_posterior)
+    layout = _LAYOUTS.get(spec)
+    if layout is None:
+        paths = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)[0]
+        layout = _layout(paths)
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        _LAYOUTS[spec] = layout
+    return leaves, spec, layout
+
+
+def _layout(paths: list[Any]) -> _Layout:
+    names = [canonical(".".join(str(part) for part in path)) for path in paths]
+    # a lone node at the root is drawn with the keys themselves, every other node with
+    # fold_in(key, hash32(path)); colliding hashes are refused (the layout is not kept)
+    return _Layout(paths, names, None if paths == [()] else _hashes(names))
 
 
 def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
     """Every posterior tensor is finite: one float32 (float64) sum per tensor and one
     ``isfinite`` per device, then an exact search only when that fails (a sum can overflow).
 
+    A tensor found finite is not read again until its version counter moves (every in-place
+    update bumps it; writes through ``.data`` or a NumPy view do not, and are not seen).
     Eager only: under ``torch.func`` transforms and ``torch.compile`` reading a value would be
     data-dependent control flow, so those calls are not checked.
     """
-    fields = [
-        (name, field, value)
-        for i in nodes
-        for name, (field, value) in ((names[i], item) for item in _tensor_fields(leaves[i]))
-    ]
-    if (
-        not fields
-        or torch.compiler.is_compiling()
-        or any(is_wrapped(t) or t.device.type == "meta" for _, _, t in fields)
-    ):
+    if torch.compiler.is_compiling():
+        return
+    fields = []
+    for i in nodes:
+        for field, value in _tensor_fields(leaves[i]):
+            entry = _FINITE.get(id(value))
+            if entry is None or entry[1] != value._version or entry[0]() is not value:
+                fields.append((names[i], field, value))
+    if not fields or any(is_wrapped(t) or t.is_meta for _, _, t in fields):
         return
     sums: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():
@@ -73,6 +113,8 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
             wide = torch.float64 if value.dtype == torch.float64 else torch.float32
             sums.setdefault(value.device, []).append(value.sum(dtype=wide))
         if all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values()):
+            for _, _, value in fields:
+                _remember_finite(value)
             return
         for name, field, value in fields:
             bad = ~torch.isfinite(value)
@@ -91,27 +133,27 @@ def sample_many(
 ) -> Any:
     """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis.
 
-    ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)`` already computed.
-    ``check=False`` skips ``check_finite`` for a caller that checks a result instead (``nelbo``
-    checks its KL: non-finite whenever a ``mu`` or ``rho`` is).
+    Node ``l``'s sample ``s`` uses ``fold_in(keys[s], hash32(path_l))`` (``keys[s]`` itself for
+    a lone node at the root). The Gaussian nodes of one dtype and device are drawn by one
+    ``_noise.gaussian`` call. ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)``
+    already computed. ``check=False`` skips ``check_finite`` for a caller that checks a result
+    instead (``nelbo`` checks its KL: non-finite whenever a ``mu`` or ``rho`` is).
     """
-    leaves, names, nodes, spec, paths = posterior_nodes(tree)
-    if check:
-        check_finite(leaves, names, nodes)
+    leaves, spec, layout = _flatten(tree)
+    names, hashes = layout.names, layout.hashes
     count = keys.shape[0]
-    # a lone node at the root is drawn with the keys themselves, every other node with
-    # fold_in(key, hash32(path))
-    hashes = None if paths == [()] else _hashes(names)
-    drawn: list[Tensor | None] = [None] * len(leaves)
+    drawn = list(leaves)
+    nodes: list[int] = []
+    custom: list[int] = []  # posterior families of the user's own: drawn by their sample()
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, GAUSSIAN_FAMILIES):
+            check_node(leaf, _where(names[index]))
             groups.setdefault((leaf.mu.dtype, leaf.mu.device), []).append(index)
+            nodes.append(index)
         elif is_posterior(leaf):
-            node_keys = (
-                keys if hashes is None else _threefry.fold_in_hashes(keys, [hashes[index]])[0]
-            )
-            drawn[index] = torch.stack([leaf.sample(k) for k in node_keys])
+            custom.append(index)
+            nodes.append(index)
         elif isinstance(leaf, Tensor):
             drawn[index] = leaf.expand(count, *leaf.shape)
         else:
@@ -121,11 +163,18 @@ def sample_many(
                 leaf,
                 error=TypeError,
             )
-    for (dtype, device), members in groups.items():
-        nodes = [leaves[i] for i in members]
-        scales = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
-        group_hashes = None if hashes is None else [hashes[i] for i in members]
-        draws = _draw_gaussians(nodes, scales, keys, group_hashes, dtype, device)
+    if check:
+        check_finite(leaves, names, nodes)
+    for index in custom:
+        node_keys = keys if hashes is None else _threefry.fold_in_hashes(keys, [hashes[index]])[0]
+        drawn[index] = torch.stack([leaves[index].sample(k) for k in node_keys])
+    for members in groups.values():
+        draws = _noise.gaussian(
+            keys,
+            None if hashes is None else [hashes[i] for i in members],
+            [leaves[i].mu for i in members],
+            [leaves[i].sigma if sigmas is None else sigmas[i] for i in members],
+        )
         for i, value in zip(members, draws, strict=True):
             drawn[i] = value
     return optree.tree_unflatten(spec, drawn)
@@ -139,29 +188,11 @@ def _hashes(names: list[str]) -> list[int]:
     return hashes
 
 
-def _draw_gaussians(
-    nodes: list[Any],
-    sigmas: list[Tensor],
-    keys: Tensor,
-    hashes: list[int] | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> list[Tensor]:
-    """``mu + sigma * eps`` with a leading axis ``S = len(keys)`` for each node; node ``l``'s
-    draw ``s`` uses ``fold_in(keys[s], hashes[l])`` (``keys[s]`` itself without hashes).
-
-    One ``_noise.draw`` call: in plain eager code the kernel writes ``mu + sigma * eps`` itself
-    (no S x P noise buffer to re-read); under autograd, transforms and the compiler the noise
-    comes from the ``tbfunc::noise`` op and the affine map is tensor ops. Same bits either way.
-    """
-    count = keys.shape[0]
-    numels = [node.mu.numel() for node in nodes]
-    mus = [node.mu for node in nodes]
-    flat = _noise.draw(keys, hashes, numels, dtype, device, affine=(mus, sigmas))
-    return [
-        chunk.view(count, *mu.shape)
-        for mu, chunk in zip(mus, flat.split([n * count for n in numels]), strict=True)
-    ]
+def _remember_finite(tensor: Tensor) -> None:
+    if tensor.is_inference():  # inference tensors keep no version counter
+        return
+    key = id(tensor)
+    _FINITE[key] = (weakref.ref(tensor, lambda _: _FINITE.pop(key, None)), tensor._version)
 
 
 def _where(name: str) -> str:

@@ -46,39 +46,38 @@ def threefry2x32(k0: Word, k1: Word, x0: Word, x1: Word) -> tuple[Word, Word]:
 
 def split(keys: Tensor, num: int) -> Tensor:
     """keys ``(..., 2)`` -> ``(..., num, 2)``: ``threefry2x32(key, (0, i))``; no checks."""
-    counter = torch.arange(num, dtype=torch.int64)
-    return fold_in(keys[..., None, :], counter)
+    library = _native.kernel() if keys.dim() == 1 and _eager_cpu(keys, keys) else None
+    if library is not None:
+        k0, k1 = keys.tolist()
+        out = torch.empty(num, 2, dtype=torch.int64)
+        library.tb_split(k0, k1, num, out.data_ptr())
+        return out
+    return fold_in(keys[..., None, :], torch.arange(num, dtype=torch.int64))
 
 
 def fold_in(keys: Tensor, data: Tensor) -> Tensor:
     """``threefry2x32(key, (data >> 32, data & MASK))`` for keys ``(..., 2)`` and int64 data
     broadcastable against ``keys[..., 0]``; no checks."""
-    shape = torch.broadcast_shapes(keys.shape[:-1], data.shape)
+    k0, k1, data = torch.broadcast_tensors(keys[..., 0], keys[..., 1], data.to(keys.device))
     if _eager_cpu(keys, data):
-        count = 1
-        for size in shape:
-            count *= size
         library = _native.kernel()
         if library is not None:
-            key_words = keys.expand(*shape, 2).contiguous()
-            values = data.to(keys.device).expand(shape).contiguous()
-            out = torch.empty(*shape, 2, dtype=torch.int64)
-            library.tb_threefry(
-                count, key_words.data_ptr(), 1, values.data_ptr(), 1, out.data_ptr()
-            )
+            triples = torch.stack((k0, k1, data), dim=-1).contiguous()
+            out = torch.empty(*data.shape, 2, dtype=torch.int64)
+            library.tb_fold_in(data.numel(), triples.data_ptr(), out.data_ptr())
             return out
-        if count <= _PYTHON_MAX:
+        if data.numel() <= _PYTHON_MAX:
             pairs = [
-                threefry2x32(k0, k1, (d >> 32) & MASK, d & MASK)
-                for (k0, k1), d in zip(
-                    keys.expand(*shape, 2).reshape(-1, 2).tolist(),
-                    data.expand(shape).reshape(-1).tolist(),
+                threefry2x32(a, b, (d >> 32) & MASK, d & MASK)
+                for a, b, d in zip(
+                    k0.reshape(-1).tolist(),
+                    k1.reshape(-1).tolist(),
+                    data.reshape(-1).tolist(),
                     strict=True,
                 )
             ]
-            return torch.tensor(pairs, dtype=torch.int64).reshape(*shape, 2)
-    data = data.to(keys.device)
-    x0, x1 = threefry2x32(keys[..., 0], keys[..., 1], (data >> 32) & MASK, data & MASK)
+            return torch.tensor(pairs, dtype=torch.int64).reshape(*data.shape, 2)
+    x0, x1 = threefry2x32(k0, k1, (data >> 32) & MASK, data & MASK)
     return torch.stack((x0, x1), dim=-1)
 
 
@@ -89,10 +88,12 @@ def fold_in_hashes(keys: Tensor, hashes: list[int]) -> Tensor:
 
 
 def _eager_cpu(keys: Tensor, data: Tensor) -> bool:
-    """Whether plain values can be read: eager, untransformed CPU tensors."""
+    """Whether plain values can be read and written: eager CPU tensors, no transform active
+    (inside one, even fresh tensors are wrapped)."""
     return (
         keys.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and torch._C._functorch.peek_interpreter_stack() is None
         and not is_wrapped(keys)
         and not is_wrapped(data)
     )

@@ -198,13 +198,12 @@ def is_posterior_type(kind: type) -> bool:
 def _reparametrized(mu: Tensor, sigma: Tensor, key: Tensor) -> Tensor:
     """``mu + sigma * eps``: differentiable in ``mu`` and ``sigma`` (Kingma & Welling 2014).
 
-    The same ``_noise.draw`` call as a whole tree's, so a node drawn alone and in a tree agree
+    The same ``_noise.gaussian`` call as a whole tree's, so a node drawn alone and in a tree agree
     bit for bit (two roundings, as the kernel: not ``addcmul``, which fuses into an FMA)."""
     key = check_key(key)
     if not isinstance(sigma, Tensor) or sigma.shape != mu.shape:
         sigma = torch.as_tensor(sigma, dtype=mu.dtype, device=mu.device).expand(mu.shape)
-    flat = _noise.draw(key[None], None, [mu.numel()], mu.dtype, mu.device, affine=([mu], [sigma]))
-    return flat.view(mu.shape)
+    return _noise.gaussian(key[None], None, [mu], [sigma])[0][0]
 
 
 def _initial_rho(

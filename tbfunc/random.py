@@ -123,7 +123,7 @@ def normal(
     numel = 1
     for size in dims:
         numel *= size
-    return _noise.draw(key[None], None, [numel], dtype, device).view(dims)
+    return _noise.noise(key[None], None, [numel], dtype, device).view(dims)
 
 
 def _as_int(value: object, arg: str) -> int:

@@ -204,10 +204,10 @@ def test_python_and_tensor_threefry_agree(key, data, num):
 
 def test_normal_folded_segments_and_vmap():
     """The op behind tb.sample: node-major segments keyed by fold_in(keys[s], hashes[l])."""
-    from tbfunc._noise import draw
+    from tbfunc._noise import noise
 
     def normal_folded(keys, hashes, numels, dtype, device):
-        return draw(keys, hashes, numels, dtype, device)
+        return noise(keys, hashes, numels, dtype, device)
 
     keys = tb.random.split(tb.random.key(4), 3)
     hashes, numels = [5, 2**32 - 1, 77], [4, 20, 1]
