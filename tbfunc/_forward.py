@@ -33,6 +33,7 @@ __all__ = [
     "concat",
     "has_rnn",
     "index",
+    "owner",
     "pin_fixed_rows",
     "rng_guard",
     "run",
@@ -57,13 +58,19 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
     if not isinstance(module, nn.Module):
         fail("module", "an nn.Module", module, error=TypeError)
     check_posterior_dict(posterior)
-    tensors: dict[str, Tensor] = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update(module.named_buffers(remove_duplicate=False))
-    by_canonical = {canonical(name): name for name in tensors}
+    tensors: dict[str, Tensor] = {}  # filled lazily: most names are found by a direct look-up
+    by_canonical: dict[str, str] = {}
     names: dict[str, str] = {}
     for name, node in posterior.items():
         where = f"posterior[{name!r}]"
-        actual = name if name in tensors else by_canonical.get(canonical(name))
+        target = _own_tensor(module, name)
+        actual: str | None = name
+        if target is None:
+            if not tensors:
+                tensors.update(module.named_parameters(remove_duplicate=False))
+                tensors.update(module.named_buffers(remove_duplicate=False))
+                by_canonical.update((canonical(n), n) for n in tensors)
+            actual = by_canonical.get(canonical(name))
         if actual is None:
             close = fnmatch.filter(by_canonical, f"*{name.rpartition('.')[2]}*")[:5]
             raise ValueError(
@@ -82,7 +89,7 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
                 node,
                 error=TypeError,
             )
-        target = tensors[actual]
+        target = tensors[actual] if target is None else target
         for what, mine, theirs in (
             ("shape", tuple(value.shape), tuple(target.shape)),
             ("dtype", value.dtype, target.dtype),
@@ -94,6 +101,27 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
                 )
         names[name] = actual
     return names
+
+
+def owner(module: nn.Module, name: str) -> nn.Module | None:
+    """The submodule that holds the tensor at ``name`` (a walk of ``_modules``, several times
+    cheaper than ``get_submodule``), or None."""
+    found: Any = module
+    for part in name.split(".")[:-1]:
+        found = found._modules.get(part) if isinstance(found, nn.Module) else None
+        if found is None:
+            return None
+    return found if isinstance(found, nn.Module) else None
+
+
+def _own_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """The parameter or buffer at ``name``, found without walking the whole module."""
+    holder = owner(module, name)
+    if holder is None:
+        return None
+    leaf = name.rpartition(".")[2]
+    found = holder._parameters.get(leaf)
+    return holder._buffers.get(leaf) if found is None else found
 
 
 def check_modes(module: nn.Module, entry: str, dropout: bool = False) -> None:
@@ -183,17 +211,16 @@ def pin_fixed_rows(module: nn.Module, names: dict[str, str], weights: dict[str, 
     posterior over it would only drift with the KL; pinning it keeps predictions independent of
     padding, as in the deterministic model. ``weights`` carry a leading sample axis.
     """
-    out = dict(weights)
+    out = weights
     for name, actual in names.items():
-        owner_name, _, leaf = actual.rpartition(".")
-        if leaf != "weight":  # before the submodule look-up: this runs on every call
+        if not actual.endswith("weight"):  # before the submodule look-up: this runs every call
             continue
-        owner = module.get_submodule(owner_name)
-        padding = getattr(owner, "padding_idx", None)
-        if padding is None or not isinstance(owner, nn.Embedding | nn.EmbeddingBag):
+        layer = owner(module, actual)
+        if not isinstance(layer, nn.Embedding | nn.EmbeddingBag) or layer.padding_idx is None:
             continue
-        fixed = owner.weight.detach()[padding]
-        rows = torch.arange(owner.weight.shape[0], device=fixed.device) == padding
+        fixed = layer.weight.detach()[layer.padding_idx]
+        rows = torch.arange(layer.weight.shape[0], device=fixed.device) == layer.padding_idx
+        out = dict(out) if out is weights else out
         out[name] = torch.where(rows[:, None], fixed, weights[name])
     return out
 
@@ -264,7 +291,7 @@ def _one(module: nn.Module, weights: Weights, i: int, args: Any, kwargs: Any) ->
     """Sample ``i`` alone: its weights, and its dropout masks if any."""
     params = {name: value[i] for name, value in weights.tensors.items()}
     with keyed_dropout(None if weights.dropout is None else weights.dropout[i]):
-        return torch.func.functional_call(module, params, args, kwargs)
+        return torch.func.functional_call(module, params, args, kwargs, tie_weights=_tied(module))
 
 
 def index(outputs: Any, i: int) -> Any:
@@ -287,20 +314,45 @@ def concat(parts: list[Any]) -> Any:
 
 def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
     static: dict[str, Any] = {}
+    tie = _tied(module)
 
-    def forward(params: dict[str, Tensor], dropout: Tensor | None) -> tuple[Tensor, ...]:
-        with keyed_dropout(dropout):
-            out = torch.func.functional_call(module, params, args, kwargs)
+    def forward(params: dict[str, Tensor], *dropout: Tensor) -> tuple[Tensor, ...]:
+        with keyed_dropout(dropout[0] if dropout else None):
+            out = torch.func.functional_call(module, params, args, kwargs, tie_weights=tie)
+        if isinstance(out, Tensor):  # the common case, without a pytree walk
+            static["leaves"] = None
+            return (out,)
         leaves, static["spec"] = pytree.tree_flatten(out)
         static["leaves"] = leaves
         # vmap returns only tensors: the rest (None, ints, strings) is put back afterwards.
         return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
 
-    dims = (0, None if weights.dropout is None else 0)
-    with _batchable_kernels(weights.tensors):
-        batched = iter(torch.func.vmap(forward, in_dims=dims)(weights.tensors, weights.dropout))
+    inputs = (weights.tensors,) if weights.dropout is None else (weights.tensors, weights.dropout)
+    with _batchable_kernels(module, weights.tensors):
+        outputs = torch.func.vmap(forward)(*inputs)
+    if static["leaves"] is None:
+        return outputs[0]
+    batched = iter(outputs)
     leaves = [next(batched) if isinstance(x, Tensor) else x for x in static["leaves"]]
     return pytree.tree_unflatten(leaves, static["spec"])
+
+
+def _tied(module: nn.Module) -> bool:
+    """Whether the module shares a tensor under two names. Without ties, functional_call's
+    untying walk (a tenth of a small MLP's forward) is skipped; with them, a draw for one name
+    reaches the other, so tied weights stay tied."""
+    if torch.compiler.is_compiling():
+        return True
+    seen: set[int] = set()
+    for tensors in (
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    ):
+        for _, tensor in tensors:
+            if id(tensor) in seen:
+                return True
+            seen.add(id(tensor))
+    return False
 
 
 def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
@@ -324,7 +376,7 @@ def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _batchable_kernels(weights: dict[str, Tensor]) -> Iterator[None]:
+def _batchable_kernels(module: nn.Module, weights: dict[str, Tensor]) -> Iterator[None]:
     """Select kernels that vmap can batch.
 
     The fused transformer-layer kernel, and on the CPU the flash-attention kernel, have no
@@ -332,20 +384,60 @@ def _batchable_kernels(weights: dict[str, Tensor]) -> Iterator[None]:
     versions batch properly. On CUDA the fused attention kernels batch in the forward, but the
     memory-efficient one's backward fails under vmap ("LSE is not correctly aligned"), so
     training uses the math path. ``set_fastpath_enabled`` cannot be traced: under
-    ``torch.compile`` the compiler sees the non-fastpath code anyway.
+    ``torch.compile`` the compiler sees the non-fastpath code anyway. Modules built only of
+    ``torch.nn`` layers without attention are left alone (nothing to switch).
     """
     leaves = list(weights.values())
     unfused = all(w.device.type == "cpu" for w in leaves) or tracked(*leaves)
-    compiling = torch.compiler.is_compiling()
-    fastpath = None if compiling else torch.backends.mha.get_fastpath_enabled()
-    if fastpath is not None:
-        torch.backends.mha.set_fastpath_enabled(False)
-    try:
+    if torch.compiler.is_compiling():
         with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
             yield
+        return
+    if not _may_attend(module):
+        yield
+        return
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # sdpa_kernel([MATH]) by hand: the context manager costs 25 µs a call, these 1 µs each
+    switches = _SDP_SWITCHES if unfused else ()
+    before = [enabled() for enabled, _ in switches]
+    torch.backends.mha.set_fastpath_enabled(False)
+    for (_, enable), on in zip(switches, _SDP_MATH_ONLY, strict=False):
+        enable(on)
+    try:
+        yield
     finally:
-        if fastpath is not None:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for (_, enable), on in zip(switches, before, strict=True):
+            enable(on)
+
+
+def _may_attend(module: nn.Module) -> bool:
+    """False only for modules made of ``torch.nn``'s own layers, none of them attention: any
+    class of the user's (or of a library's) may call ``scaled_dot_product_attention``."""
+    for layer in module.modules():
+        kind = type(layer)
+        if not kind.__module__.startswith("torch.nn.modules.") or issubclass(kind, _ATTENTION):
+            return True
+    return False
+
+
+_ATTENTION = (
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+# (getter, setter, on for MATH only) for each SDPA backend this torch knows, as sdpa_kernel
+_SDP_SWITCHES = tuple(
+    (getattr(torch._C, f"_get_{name}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{name}"))
+    for name in ("flash", "mem_efficient", "cudnn", "overrideable", "math")
+    if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")
+)
+_SDP_MATH_ONLY = tuple(setter is torch._C._set_sdp_use_math for _, setter in _SDP_SWITCHES)
 
 
 # ----------------------------------------------------------------------------------------------

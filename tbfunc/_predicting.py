@@ -23,6 +23,7 @@ from tbfunc._forward import (
     check_modes,
     concat,
     has_rnn,
+    owner,
     pin_fixed_rows,
     run,
     run_plain,
@@ -129,7 +130,7 @@ def choose(
     if device is not None and device.type != "cpu":
         return "vmap"
     for name in names.values():
-        if isinstance(module.get_submodule(name.rpartition(".")[0]), _SLOW_UNDER_VMAP_ON_CPU):
+        if isinstance(owner(module, name), _SLOW_UNDER_VMAP_ON_CPU):
             return "loop"
     means = [value(node) for node in posterior.values()]
     if args is None or torch.compiler.is_compiling() or tracked(*means):

@@ -101,7 +101,13 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
         return
     fields = []
     for i in nodes:
-        for field, value in _tensor_fields(leaves[i]):
+        node = leaves[i]
+        items = (
+            (("mu", node.mu), ("rho", node.rho))
+            if isinstance(node, GAUSSIAN_FAMILIES)
+            else _tensor_fields(node)
+        )
+        for field, value in items:
             entry = _FINITE.get(id(value))
             if entry is None or entry[1] != value._version or entry[0]() is not value:
                 fields.append((names[i], field, value))
