@@ -102,7 +102,7 @@ def draw(
     """Weights with a leading sample axis, keyed by the module's own names, fixed rows pinned;
     with ``dropout``, sample ``s``'s masks are keyed by ``fold_in(keys[s], hash32("dropout"))``
     (no weight node is named that way: names hold a dot or are the root)."""
-    drawn = pin_fixed_rows(module, names, sample_many(posterior, keys))
+    drawn = pin_fixed_rows(module, names, sample_many(posterior, keys, validated=True))
     masks = dropout_keys(keys) if dropout else None
     return Weights({names[name]: value for name, value in drawn.items()}, len(keys), masks)
 

@@ -135,7 +135,12 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
 
 
 def sample_many(
-    tree: Any, keys: Tensor, sigmas: dict[int, Tensor] | None = None, *, check: bool = True
+    tree: Any,
+    keys: Tensor,
+    sigmas: dict[int, Tensor] | None = None,
+    *,
+    check: bool = True,
+    validated: bool = False,
 ) -> Any:
     """Draw ``len(keys)`` samples of ``tree``; every leaf gets a leading sample axis.
 
@@ -144,6 +149,7 @@ def sample_many(
     ``_noise.gaussian`` call. ``sigmas`` optionally maps flat leaf indices to ``softplus(rho)``
     already computed. ``check=False`` skips ``check_finite`` for a caller that checks a result
     instead (``nelbo`` checks its KL: non-finite whenever a ``mu`` or ``rho`` is).
+    ``validated=True``: the caller has checked the nodes' fields already (``check_matches``).
     """
     leaves, spec, layout = _flatten(tree)
     names, hashes = layout.names, layout.hashes
@@ -154,7 +160,8 @@ def sample_many(
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for index, leaf in enumerate(leaves):
         if isinstance(leaf, GAUSSIAN_FAMILIES):
-            check_node(leaf, _where(names[index]))
+            if not validated:
+                check_node(leaf, _where(names[index]))
             groups.setdefault((leaf.mu.dtype, leaf.mu.device), []).append(index)
             nodes.append(index)
         elif is_posterior(leaf):

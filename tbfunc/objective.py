@@ -110,7 +110,7 @@ def nelbo(
     leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
     sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
     sample_keys = _threefry.split(key, count)
-    draws = sample_many(posterior, sample_keys, sigmas, check=False)
+    draws = sample_many(posterior, sample_keys, sigmas, check=False, validated=True)
     pinned = pin_fixed_rows(module, names, draws)
     masks = dropout_keys(sample_keys) if dropout else None
     weights = Weights({names[n]: w for n, w in pinned.items()}, count, masks)
