@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import tbfunc as tb
-from benchmarks import distributed, io, predict, sampling, training, uncertainty
+from benchmarks import distributed, io, overhead, predict, sampling, training, uncertainty
 from benchmarks.timing import interleaved, ms, table
 from benchmarks.workloads import WORKLOADS, instantiate
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="e.g. W1,W3")
     parser.add_argument(
         "--sections",
-        default="predict,sample,train,io,memory,uncertainty,distributed",
+        default="overhead,predict,sample,train,io,memory,uncertainty,distributed",
         help="which tables to run",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, or all (cpu + cuda if any)")
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     sections = set(args.sections.split(","))
     report: dict[str, object] = {"machine": _machine(devices), "runs": []}
     markdown = [f"# tbfunc scoreboard\n\n{_describe(report['machine'])}\n"]
+    if "overhead" in sections:
+        for device in devices:
+            markdown.append(_overhead(report, args, device))
     for device in devices:
         for name in args.workloads.split(","):
             workload = WORKLOADS[name]
@@ -183,6 +186,29 @@ def _section(report, title, runs, costs, args, device, *, baseline) -> str:
     )
     columns = ["contender", "median ms", "min-max ms", f"x {baseline}", "note"]
     return f"## {title}\n\n" + table(rows, columns) + extra
+
+
+def _overhead(report, args, device) -> str:
+    """The tiny workload of benchmarks.overhead, on one thread, without autograd."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            runs = overhead.contenders(device)
+            # the per-call costs are ~1 ms: many more rounds than the workloads get
+            quick = argparse.Namespace(repeats=args.repeats * 40, warmup=max(args.warmup, 1) * 20)
+            return _section(
+                report,
+                f"Per-call overhead: MLP 16-32-32-4, B={overhead.BATCH}, S={overhead.SAMPLES}, "
+                f"1 thread, no grad, {device.type}",
+                runs,
+                {},
+                quick,
+                device,
+                baseline="floor + rng",
+            )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _spread(times: list[float]) -> str:

@@ -77,4 +77,7 @@ def table(rows: Sequence[Mapping[str, object]], columns: list[str]) -> str:
 
 
 def ms(seconds: float | None) -> str:
-    return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.1f}"
+    """Milliseconds: three decimals below 10 ms (per-call overheads), one above."""
+    if seconds is None or seconds != seconds:
+        return "-"
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.1f}"

@@ -102,8 +102,7 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
             ):
                 if mine != theirs:
                     raise ValueError(
-                        f"{field} has {what} {mine} but the module's parameter has {what} "
-                        f"{theirs}."
+                        f"{field} has {what} {mine} but the module's parameter has {what} {theirs}."
                     )
         names[name] = actual
     return names
@@ -314,7 +313,9 @@ def _one(
         return _call(module, params, args, kwargs, slots)
 
 
-def _slots(module: nn.Module, names: Any) -> list[tuple[dict, str]] | None:
+def _slots(
+    module: nn.Module, names: Any, facts: _Facts | None = None
+) -> list[tuple[dict, str]] | None:
     """For each name, the ``_parameters`` or ``_buffers`` table holding it and its key, or None
     where ``torch.func.functional_call``'s general path is needed: tied weights (a draw must
     reach every name of the tensor), attributes that are no plain parameter or buffer
@@ -322,9 +323,9 @@ def _slots(module: nn.Module, names: Any) -> list[tuple[dict, str]] | None:
     functional_call)."""
     if torch.compiler.is_compiling() or isinstance(module, torch.jit.ScriptModule):
         return None
-    if _tied(module):
+    if (facts or _facts(module)).tied:
         return None
-    slots = []
+    slots: list[tuple[dict, str]] = []
     for name in names:
         holder = owner(module, name)
         leaf = name.rpartition(".")[2]
@@ -383,7 +384,8 @@ def concat(parts: list[Any]) -> Any:
 
 def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
     static: dict[str, Any] = {}
-    slots = _slots(module, weights.tensors)
+    facts = None if torch.compiler.is_compiling() else _facts(module)
+    slots = _slots(module, weights.tensors, facts)
 
     def forward(params: dict[str, Tensor], *dropout: Tensor) -> tuple[Tensor, ...]:
         with keyed_dropout(dropout[0]) if dropout else contextlib.nullcontext():
@@ -397,8 +399,11 @@ def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any
         return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
 
     inputs = (weights.tensors,) if weights.dropout is None else (weights.tensors, weights.dropout)
-    with _batchable_kernels(module, weights.tensors):
+    if facts is not None and not facts.attends:  # nothing to switch (and no context to enter)
         outputs = torch.func.vmap(forward)(*inputs)
+    else:
+        with _batchable_kernels(weights.tensors):
+            outputs = torch.func.vmap(forward)(*inputs)
     if static["leaves"] is None:
         return outputs[0]
     batched = iter(outputs)
@@ -406,21 +411,32 @@ def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any
     return pytree.tree_unflatten(leaves, static["spec"])
 
 
-def _tied(module: nn.Module) -> bool:
-    """Whether the module shares a tensor under two names. Without ties, functional_call's
-    untying walk (a tenth of a small MLP's forward) is skipped; with them, a draw for one name
-    reaches the other, so tied weights stay tied."""
-    if torch.compiler.is_compiling():
-        return True
+class _Facts(NamedTuple):
+    tied: bool  # a tensor under two names: functional_call's untying path is needed
+    attends: bool  # some layer may run attention (see _batchable_kernels)
+
+
+def _facts(module: nn.Module) -> _Facts:
+    """One walk over the layers. Without ties, functional_call's untying walk (a tenth of a
+    small MLP's forward) is skipped; with them, a draw for one name reaches the other, so tied
+    weights stay tied. ``attends`` is False only for modules made of ``torch.nn``'s own layers,
+    none of them attention: any class of the user's (or of a library's) may call
+    ``scaled_dot_product_attention``."""
     seen: set[int] = set()
     count = 0
+    attends = False
     for layer in module.modules():  # _parameters and _buffers directly: no name building
+        kind = type(layer)
+        if not attends and (
+            not kind.__module__.startswith("torch.nn.modules.") or issubclass(kind, _ATTENTION)
+        ):
+            attends = True
         for table in (layer._parameters, layer._buffers):
             for tensor in table.values():
                 if tensor is not None:
                     seen.add(id(tensor))
                     count += 1
-    return len(seen) != count
+    return _Facts(len(seen) != count, attends)
 
 
 def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
@@ -445,7 +461,7 @@ def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _batchable_kernels(module: nn.Module, weights: dict[str, Tensor]) -> Iterator[None]:
+def _batchable_kernels(weights: dict[str, Tensor]) -> Iterator[None]:
     """Select kernels that vmap can batch.
 
     The fused transformer-layer kernel, and on the CPU the flash-attention kernel, have no
@@ -453,17 +469,14 @@ def _batchable_kernels(module: nn.Module, weights: dict[str, Tensor]) -> Iterato
     versions batch properly. On CUDA the fused attention kernels batch in the forward, but the
     memory-efficient one's backward fails under vmap ("LSE is not correctly aligned"), so
     training uses the math path. ``set_fastpath_enabled`` cannot be traced: under
-    ``torch.compile`` the compiler sees the non-fastpath code anyway. Modules built only of
-    ``torch.nn`` layers without attention are left alone (nothing to switch).
+    ``torch.compile`` the compiler sees the non-fastpath code anyway. ``_vmapped`` skips this
+    for modules without attention (``_facts``): there is nothing to switch.
     """
     leaves = list(weights.values())
     unfused = all(w.device.type == "cpu" for w in leaves) or tracked(*leaves)
     if torch.compiler.is_compiling():
         with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
             yield
-        return
-    if not _may_attend(module):
-        yield
         return
     fastpath = torch.backends.mha.get_fastpath_enabled()
     # sdpa_kernel([MATH]) by hand: the context manager costs 25 µs a call, these 1 µs each
@@ -478,16 +491,6 @@ def _batchable_kernels(module: nn.Module, weights: dict[str, Tensor]) -> Iterato
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for (_, enable), on in zip(switches, before, strict=True):
             enable(on)
-
-
-def _may_attend(module: nn.Module) -> bool:
-    """False only for modules made of ``torch.nn``'s own layers, none of them attention: any
-    class of the user's (or of a library's) may call ``scaled_dot_product_attention``."""
-    for layer in module.modules():
-        kind = type(layer)
-        if not kind.__module__.startswith("torch.nn.modules.") or issubclass(kind, _ATTENTION):
-            return True
-    return False
 
 
 _ATTENTION = (
