@@ -62,7 +62,7 @@ def kernel() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as error:
         _unavailable(f"building it failed: {error}")
         return None
-    library.tb_fill.argtypes = [_I32, _I32, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P]
+    library.tb_fill.argtypes = [_I32, _I32, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P]
     library.tb_fill.restype = None
     library.tb_fold_in.argtypes = [_I64, _P, _P]
     library.tb_fold_in.restype = None

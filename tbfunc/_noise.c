@@ -14,9 +14,10 @@
  * agree. ln, sin and cos are Cephes' float32 polynomials (Moshier); theta's range reduction is
  * exact because it is done on the integer. float64 outputs widen the float32 noise.
  *
- * Segments: "nodes" l = 0..L-1 of numels[l] elements times "samples" s = 0..S-1, node-major:
- * segment (l, s) starts at S * sum(numels[:l]) + s * numels[l]. Its key is
- * fold_in(keys[s], hashes[l]) (Threefry-2x32, 20 rounds) when hashes is given, else keys[l*S+s].
+ * Segments: "nodes" l = 0..L-1 of numels[l] elements times "samples" s = 0..S-1; each node's
+ * output has its own address and sample stride. Segment (l, s) is keyed by
+ * fold_in(keys[s], hashes[l]) (Threefry-2x32, 20 rounds) when hashes is given, else by
+ * keys[s * L + l].
  * With mus/sigmas (addresses of each node's contiguous mu and sigma), the kernel writes
  * mu + sigma * eps (one rounding after the product, one after the sum) instead of eps.
  * tb_fill writes elements [begin, end) of the concatenated segments, so callers split the work
@@ -278,15 +279,17 @@ static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a,
     }
 }
 
-/* Write elements [begin, end) of the virtual concatenation of the nodes' outputs; node l's
- * output, at address outs[l], holds its samples' segments one after another. */
-void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, int64_t begin, int64_t end,
-             int64_t samples, const int64_t *keys, int64_t nodes, const int64_t *hashes,
-             const int64_t *numels, const int64_t *mus, const int64_t *sigmas) {
+/* Write elements [begin, end) of the virtual concatenation of all segments, (l, s) in
+ * node-major order. Segment (l, s) goes to address outs[l] + s * strides[l] elements (strides
+ * NULL: numels[l], the node's segments back to back). */
+void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, const int64_t *strides,
+             int64_t begin, int64_t end, int64_t samples, const int64_t *keys, int64_t nodes,
+             const int64_t *hashes, const int64_t *numels, const int64_t *mus,
+             const int64_t *sigmas) {
     int64_t start = 0;
     size_t width = dtype == 0 ? 4 : 8;
     for (int64_t l = 0; l < nodes && start < end; l++) {
-        int64_t n = numels[l];
+        int64_t n = numels[l], stride = strides ? strides[l] : numels[l];
         char *out = (char *)(intptr_t)outs[l];
         for (int64_t s = 0; s < samples; s++, start += n) {
             int64_t a = begin > start ? begin - start : 0;
@@ -295,14 +298,14 @@ void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, int64_t begin,
             int64_t word[2];
             if (hashes) {
                 threefry((uint32_t)keys[2 * s], (uint32_t)keys[2 * s + 1], (uint64_t)hashes[l], word);
-            } else {
-                word[0] = keys[2 * (l * samples + s)];
-                word[1] = keys[2 * (l * samples + s) + 1];
+            } else { /* keys sample-major: keys[s * nodes + l] */
+                word[0] = keys[2 * (s * nodes + l)];
+                word[1] = keys[2 * (s * nodes + l) + 1];
             }
             const void *mu = mus ? (const void *)(intptr_t)mus[l] : 0;
             const void *sigma = sigmas ? (const void *)(intptr_t)sigmas[l] : 0;
             segment(uniform, dtype, (uint32_t)word[0], (uint32_t)word[1], a, b,
-                    out + (s * n + a) * (int64_t)width, mu, sigma);
+                    out + (s * stride + a) * (int64_t)width, mu, sigma);
         }
     }
 }

@@ -3,10 +3,11 @@
 A draw is a list of segments. With ``hashes``, segment ``(l, s)`` (node-major) holds
 ``numels[l]`` values keyed by ``fold_in(keys[s], hashes[l])``: a whole posterior tree for S
 samples in one call, the per-segment keys derived where the noise is made (in C on the CPU, in
-the Triton kernel on GPUs). Without ``hashes``, segment ``t`` holds ``numels[t]`` values keyed
-by ``keys[t]`` (more generally ``keys[l * S + s]`` keys segment ``(l, s)``). ``gaussian`` also
-applies ``mu + sigma * eps`` per node, fused into the kernel where one serves the device and
-nothing records the operations.
+the Triton kernel on GPUs). Without ``hashes``, ``keys`` holds S x L keys, sample-major:
+segment ``(s, l)`` holds ``numels[l]`` values keyed by ``keys[s * L + l]``, in that order (with
+one key per segment, segment ``t`` is keyed by ``keys[t]``; vmap over keys adds samples, not
+segments to the list). ``gaussian`` also applies ``mu + sigma * eps`` per node, fused into the
+kernel where one serves the device and nothing records the operations.
 
 The streams (each a pure function of the whole 64-bit key and the index):
 - CPU: Philox-4x32-10 + Box-Muller (``_noise.c`` through ``_native``; ``_philox`` is the same
@@ -88,7 +89,7 @@ def gaussian(
 
 
 def _samples(keys: Tensor, hashes: list[int] | None, numels: list[int]) -> int:
-    """S: with hashes every key is a sample; without, ``keys[l * S + s]`` keys segment (l, s)."""
+    """S: with hashes every key is a sample; without, ``keys[s * L + l]`` keys segment (s, l)."""
     return keys.shape[0] if hashes else keys.shape[0] // len(numels)
 
 
@@ -144,9 +145,7 @@ def _noise_eager(
         wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         if library is not None:
             out = torch.empty(total, dtype=wide)
-            samples = _samples(keys, hashes, numels)
-            outs = list(out.split([samples * n for n in numels]))
-            _fill_native(library, outs, keys, hashes, numels, uniform, None, None)
+            _fill_flat(library, out, keys, hashes, numels, uniform)
         else:
             segment_keys, segment_numels = _segments(keys, hashes, numels)
             out = _philox.fill(segment_keys, segment_numels, uniform)
@@ -159,37 +158,56 @@ def _noise_eager(
 
 
 def _segments(keys: Tensor, hashes: list[int], numels: list[int]) -> tuple[Tensor, list[int]]:
-    """Per-segment keys ``(T, 2)`` and lengths, node-major."""
+    """Per-segment keys ``(T, 2)`` and lengths, in the flat output's order."""
     samples = _samples(keys, hashes, numels)
     if not hashes:
-        return keys, [n for n in numels for _ in range(samples)]
+        return keys, numels * samples
     folded = _threefry.fold_in_hashes(keys.cpu(), hashes).reshape(-1, 2)
     return folded, [n for n in numels for _ in range(samples)]
 
 
+def _fill_flat(
+    library: Any, out: Tensor, keys: Tensor, hashes: list[int], numels: list[int], uniform: bool
+) -> None:
+    """The op's flat layout: node-major with hashes, sample-major without."""
+    samples = _samples(keys, hashes, numels)
+    width = out.element_size()
+    offsets = [0]
+    for count in numels[:-1]:
+        offsets.append(offsets[-1] + (samples * count if hashes else count))
+    addresses = [out.data_ptr() + width * offset for offset in offsets]
+    strides = None if hashes else [sum(numels)] * len(numels)
+    _fill_native(library, addresses, keys, hashes, numels, uniform, None, None, strides, out.dtype)
+
+
 def _fill_native(
     library: Any,
-    outs: list[Tensor],
+    outs: list[Tensor] | list[int],
     keys: Tensor,
     hashes: list[int] | None,
     numels: list[int],
     uniform: bool,
     mus: list[Tensor] | None,
     sigmas: list[Tensor] | None,
+    strides: list[int] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> None:
-    """Node ``l``'s segments into the contiguous ``outs[l]``; one kernel call per thread, each
-    writing a contiguous run of the concatenated segments."""
+    """Node ``l``'s segment ``s`` at ``outs[l]`` (a contiguous tensor, or an address with
+    ``dtype``) plus ``s * strides[l]`` elements (default ``numels[l]``); one kernel call per
+    thread, each writing a contiguous run of the concatenated segments."""
     keys = keys.contiguous()
     samples = _samples(keys, hashes, numels)
     nodes = len(numels)
     # small tables as ctypes arrays: cheaper than tensors, and alive until the calls return
     table = ctypes.c_int64 * nodes
-    out_table = table(*[out.data_ptr() for out in outs])
+    out_table = table(*[o if isinstance(o, int) else o.data_ptr() for o in outs])
+    stride_table = table(*strides) if strides is not None else None
     hash_table = table(*hashes) if hashes else None
     numel_table = table(*numels)
     mu_table = table(*[m.data_ptr() for m in mus]) if mus is not None else None
     sigma_table = table(*[s.data_ptr() for s in sigmas]) if sigmas is not None else None
-    kind = 0 if outs[0].dtype == torch.float32 else 1
+    first = outs[0]
+    kind = 0 if (dtype if isinstance(first, int) else first.dtype) == torch.float32 else 1
     total = samples * sum(numels)
 
     def run(begin: int, end: int) -> None:
@@ -197,6 +215,7 @@ def _fill_native(
             int(uniform),
             kind,
             out_table,
+            stride_table,
             begin,
             end,
             samples,
@@ -291,10 +310,8 @@ def _(keys, hashes, numels, uniform, dtype, device):
 def _(info, in_dims, keys, hashes, numels, uniform, dtype, device):
     batch = keys.movedim(in_dims[0], 0)
     size = batch.shape[0]
-    if not hashes:  # segment t of batch element b is segment b * T + t
-        flat = torch.ops.tbfunc.noise(
-            batch.reshape(-1, 2), [], numels * size, uniform, dtype, device
-        )
+    if not hashes:  # sample-major: batch element b holds the next S samples
+        flat = torch.ops.tbfunc.noise(batch.reshape(-1, 2), [], numels, uniform, dtype, device)
         return flat.view(size, -1), 0
     samples = batch.shape[1]
     flat = torch.ops.tbfunc.noise(batch.reshape(-1, 2), hashes, numels, uniform, dtype, device)
