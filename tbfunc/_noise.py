@@ -152,7 +152,10 @@ def _noise_eager(
         return out.to(dtype)
     out = torch.empty(total, dtype=dtype, device=device)
     if _use_triton(device, dtype) and not uniform:
-        return _triton().fill_(out, keys, numels, hashes or None)
+        if hashes:
+            return _triton().fill_(out, keys, numels, hashes)
+        # the kernel's unfolded mode takes one length per key, in the flat order
+        return _triton().fill_(out, keys, numels * _samples(keys, hashes, numels))
     segment_keys, segment_numels = _segments(keys, hashes, numels)
     return _fill_with_generator(out, segment_keys.tolist(), segment_numels, uniform)
 

@@ -17,14 +17,18 @@ def test_quick_scoreboard(tmp_path):
                 "--workloads",
                 "W1,W2",
                 "--sections",
-                "predict,sample,train,io,uncertainty,distributed",
+                "overhead,predict,sample,train,io,uncertainty,distributed",
                 "--out",
                 str(tmp_path),
             ]
         )
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 13
-    first = {r["name"]: r for r in saved["runs"][0]["results"]}
+    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 14
+    tiny = {r["name"]: r for r in saved["runs"][0]["results"]}
+    for name in ("floor", "floor + rng", "tb.predict", "tb.sample", "torchbayesian vmap"):
+        assert tiny[name]["error"] is None and tiny[name]["median_s"] > 0, name
+    assert torch.get_num_threads() == 2  # --threads' default: the 1-thread section restored it
+    first = {r["name"]: r for r in saved["runs"][1]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
     text = (tmp_path / "results.md").read_text()
