@@ -1,0 +1,127 @@
+"""The per-call shortcuts must agree with the general path they skip.
+
+- Sampled tensors are swapped into the module's parameter tables directly, unless the module
+  has tied weights, parametrizations or is scripted: same outputs as functional_call, and the
+  module's own tensors are back afterwards, also when the forward raises.
+- Kernel switches for attention are skipped for modules made only of ``torch.nn`` layers
+  without attention; any other module gets them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+import tbfunc as tb
+from helpers import data, mlp, seeded
+from tbfunc import _forward
+
+KEY = tb.random.key(4)
+
+
+def reference(module, posterior, x, samples=3, strategy="loop"):
+    """functional_call on tb.sample's draws: the general path, by definition (vmapped for
+    "vmap": a batched matmul may round differently from S single ones)."""
+    if strategy == "vmap":
+        drawn = tb.sample(posterior, KEY, num_samples=samples)
+        return torch.func.vmap(lambda p: torch.func.functional_call(module, p, (x,)))(drawn)
+    keys = tb.random.split(KEY, samples)
+    return torch.stack(
+        [torch.func.functional_call(module, tb.sample(posterior, k), (x,)) for k in keys]
+    )
+
+
+class Symmetric(nn.Module):
+    def forward(self, w):
+        return (w + w.T) / 2
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+@pytest.mark.parametrize("kind", ["plain", "parametrized", "buffer"])
+def test_swapped_tensors_give_functional_calls_outputs(kind, strategy):
+    net = mlp((4, 4, 2))
+    if kind == "parametrized":  # the drawn tensor feeds the parametrization
+        parametrize.register_parametrization(net[0], "weight", Symmetric())
+    if kind == "buffer":
+        net.register_buffer("offset", torch.zeros(2))
+        original = net.forward
+        net.forward = lambda x: original(x) + net.offset  # type: ignore[method-assign]
+    post = tb.from_module(net)  # parametrized: "0.parametrizations.weight.original" is drawn
+    if kind == "buffer":
+        post["offset"] = torch.ones(2)  # a plain tensor leaf replaces the buffer
+    x = data(5, 4)
+    before = {n: t for n, t in net.state_dict(keep_vars=True).items()}
+    out = tb.predict(net, post, KEY, x, num_samples=3, strategy=strategy)
+    torch.testing.assert_close(out, reference(net, post, x, 3, strategy), rtol=0, atol=0)
+    after = net.state_dict(keep_vars=True)
+    assert all(after[n] is t for n, t in before.items()), "the module's own tensors are back"
+
+
+def test_the_module_gets_its_tensors_back_when_the_forward_raises():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.lin(x)
+            raise RuntimeError("boom")
+
+    net = seeded(Fails).eval()
+    own = net.lin.weight
+    post = tb.from_module(net)
+    for strategy in ("vmap", "loop"):
+        with pytest.raises(RuntimeError, match="boom"):
+            tb.predict(net, post, KEY, data(2, 3), num_samples=2, strategy=strategy)
+        assert net.lin._parameters["weight"] is own
+
+
+def test_tied_weights_take_the_general_path_and_stay_tied():
+    net = mlp((3, 3, 3))
+    net[2].weight = net[0].weight  # tied
+    assert _forward._slots(net, ["0.weight"]) is None
+    post = tb.from_module(net, include="0.weight")
+    x = data(2, 3)
+    out = tb.predict(net, post, KEY, x, num_samples=2, strategy="vmap")
+    torch.testing.assert_close(out, reference(net, post, x, 2, "vmap"), rtol=0, atol=0)
+
+
+class Attention(nn.Module):
+    """A user's module calling scaled_dot_product_attention itself (as Hugging Face models do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.seen: list[tuple[bool, bool]] = []
+
+    def forward(self, x):
+        self.seen.append(
+            (torch.backends.cuda.flash_sdp_enabled(), torch.backends.mha.get_fastpath_enabled())
+        )
+        q = self.proj(x)
+        return F.scaled_dot_product_attention(q, q, q)
+
+
+def test_attention_switches_are_set_for_modules_that_may_attend_and_restored():
+    net = seeded(Attention).eval()
+    post = tb.from_module(net)
+    flash, fastpath = (
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.mha.get_fastpath_enabled(),
+    )
+    tb.predict(net, post, KEY, data(2, 5, 8), num_samples=2, strategy="vmap")
+    assert net.seen and all(state == (False, False) for state in net.seen)
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.mha.get_fastpath_enabled()) == (
+        flash,
+        fastpath,
+    )
+
+
+def test_plain_torch_nn_models_are_left_alone():
+    assert not _forward._facts(mlp()).attends
+    assert _forward._facts(seeded(Attention)).attends
+    encoder = seeded(lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    assert _forward._facts(nn.Sequential(nn.Identity(), encoder)).attends
