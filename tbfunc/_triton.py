@@ -1,4 +1,4 @@
-"""One-launch noise on GPUs: a Triton kernel for ``tbfunc::normal`` and ``tbfunc::normal_folded``.
+"""One-launch noise on GPUs: the Triton kernel behind ``tbfunc::noise`` and the fused draw.
 
 Reseeding PyTorch's CUDA generator per segment costs one kernel launch per (leaf, sample): on an
 H200 that made ``sample`` 30-120x slower than one ``torch.randn`` (4.3 ms against 0.1 ms for an
