@@ -125,3 +125,22 @@ def test_plain_torch_nn_models_are_left_alone():
     assert _forward._facts(seeded(Attention)).attends
     encoder = seeded(lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
     assert _forward._facts(nn.Sequential(nn.Identity(), encoder)).attends
+
+
+def test_a_forward_that_draws_and_then_raises_leaves_the_global_rng_as_it_was():
+    """The guard restores the state on the way out of an error too (the error itself stays)."""
+
+    class DrawsThenFails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            torch.rand(3)
+            raise RuntimeError("boom")
+
+    net = seeded(DrawsThenFails).eval()
+    before = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="boom"):
+        tb.predict(net, tb.from_module(net), KEY, data(1, 2), num_samples=2, strategy="loop")
+    assert torch.equal(torch.get_rng_state(), before)
