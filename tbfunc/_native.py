@@ -74,11 +74,25 @@ def kernel() -> ctypes.CDLL | None:
 
 
 def _build(compiler: str) -> Path:
+    """The cached library, built first if need be; without ``-march=native`` where the
+    compiler refuses it (older clang on ARM), with the same bits (no FMA contraction either
+    way), only less vectorised."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
+    failure: subprocess.SubprocessError | None = None
+    for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
+        try:
+            return _built(compiler, version, flags)
+        except subprocess.CalledProcessError as error:
+            failure = error
+    assert failure is not None
+    raise failure
+
+
+def _built(compiler: str, version: str, flags: list[str]) -> Path:
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_text(), compiler, version, " ".join(_FLAGS), _cpu_fingerprint()):
+    for part in (_SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_fingerprint()):
         digest.update(part.encode())
     folder = _cache_dir()
     target = folder / f"noise-{digest.hexdigest()[:20]}.so"
@@ -90,7 +104,7 @@ def _build(compiler: str) -> Path:
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", partial],
+            [compiler, *flags, str(_SOURCE), "-o", partial],
             capture_output=True,
             text=True,
             check=True,

@@ -8,7 +8,9 @@ of all 64 key bits; and the statistics must be those of N(0, 1) and U[0, 1).
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -201,7 +203,7 @@ def test_a_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
 def test_the_build_is_cached_and_survives_concurrent_first_builds(tmp_path):
     """Two processes building into an empty cache at once both load a whole library."""
     code = "import tbfunc as tb, torch; print(float(tb.random.normal(tb.random.key(0), (1,))))"
-    env = {**__import__("os").environ, "TBFUNC_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "TBFUNC_CACHE_DIR": str(tmp_path)}
     runs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
         for _ in range(2)
@@ -307,3 +309,34 @@ def test_trees_of_one_shape_but_other_names_draw_other_noise():
     b = tb.sample({"b": node}, tb.random.key(0))["b"]
     assert not torch.equal(a, b)
     assert torch.equal(a, node.sample(tb.random.fold_in(tb.random.key(0), hash32("a"))))
+
+
+@needs_kernel
+def test_a_build_without_march_native_gives_the_same_bits(tmp_path):
+    """A compiler that refuses -march=native gets the portable build (no AVX2 Philox, no
+    vector transposes): the numbers must not change."""
+    refusing = tmp_path / "cc"
+    refusing.write_text(
+        '#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && exit 1; done\n'
+        f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n'
+    )
+    refusing.chmod(0o755)
+    code = (
+        "import torch, tbfunc as tb\n"
+        "post = {'w': tb.PretrainedGaussianPosterior(torch.zeros(3, 700), torch.zeros(3, 700))}\n"
+        "draws = [tb.random.normal(tb.random.key(5), (1001,)),\n"
+        "         tb.sample(post, tb.random.key(6), num_samples=3)['w'].reshape(-1)]\n"
+        "print(repr([float(v) for d in draws for v in d[::97]]))\n"
+    )
+    env = {**os.environ, "CC": str(refusing), "TBFUNC_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    post = {"w": tb.PretrainedGaussianPosterior(torch.zeros(3, 700), torch.zeros(3, 700))}
+    here = [
+        tb.random.normal(tb.random.key(5), (1001,)),
+        tb.sample(post, tb.random.key(6), num_samples=3)["w"].reshape(-1),
+    ]
+    assert done.stdout.strip() == repr([float(v) for d in here for v in d[::97]])
+    assert len(list((tmp_path / "cache").glob("noise-*.so"))) == 1
