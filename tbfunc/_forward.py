@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -154,7 +155,7 @@ def check_modes(module: nn.Module, entry: str, dropout: bool = False) -> None:
 def _training_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` for the layers in training mode; names are built only if there are
     any (``named_modules`` costs more than the check on every call)."""
-    if any(layer.training for layer in module.modules()):
+    if any(layer.training for layer in _layers(module)):
         yield from ((n, m) for n, m in module.named_modules() if m.training)
 
 
@@ -183,7 +184,7 @@ def check_inputs(args: Any, kwargs: Any, device: torch.device | None, entry: str
 
 def has_rnn(module: nn.Module) -> bool:
     """RNN layers (``aten::lstm`` and its kin) have no vmap batching rule: such modules loop."""
-    return any(isinstance(layer, nn.RNNBase) for layer in module.modules())
+    return any(isinstance(layer, nn.RNNBase) for layer in _layers(module))
 
 
 def weights_device(module: nn.Module, posterior: dict[str, Any]) -> torch.device | None:
@@ -341,23 +342,30 @@ def _slots(
     where ``torch.func.functional_call``'s general path is needed: tied weights (a draw must
     reach every name of the tensor), attributes that are no plain parameter or buffer
     (parametrizations), scripted modules, and code being compiled (dynamo knows
-    functional_call)."""
+    functional_call). Kept per module and names until the module's structure moves."""
     if torch.compiler.is_compiling() or isinstance(module, torch.jit.ScriptModule):
         return None
     if (facts or _facts(module)).tied:
         return None
-    slots: list[tuple[dict, str]] = []
-    for name in names:
+    key = tuple(names)
+    per_module = _SLOTS.setdefault(module, {})
+    cached = per_module.get(key)
+    if cached is not None and cached[0] == _GENERATION[0]:
+        return cached[1]
+    slots: list[tuple[dict, str]] | None = []
+    for name in key:
         holder = owner(module, name)
         leaf = name.rpartition(".")[2]
-        if holder is None:
-            return None
-        if leaf in holder._parameters:
-            slots.append((holder._parameters, leaf))
-        elif leaf in holder._buffers:
-            slots.append((holder._buffers, leaf))
+        if holder is not None and leaf in holder._parameters:
+            slots.append((holder._parameters, leaf))  # type: ignore[union-attr]
+        elif holder is not None and leaf in holder._buffers:
+            slots.append((holder._buffers, leaf))  # type: ignore[union-attr]
         else:
-            return None
+            slots = None
+            break
+    if len(per_module) > 16:
+        per_module.clear()
+    per_module[key] = (_GENERATION[0], slots)
     return slots
 
 
@@ -437,16 +445,41 @@ class _Facts(NamedTuple):
     attends: bool  # some layer may run attention (see _batchable_kernels)
 
 
+# Module structure changes (a parameter, buffer or submodule registered or assigned anywhere)
+# bump this counter through torch's global registration hooks: what is derived from a module's
+# structure is kept until it moves. Walking the module on every call cost a tenth of a small
+# model's predict. Deleting an attribute fires no hook; it cannot add a tie or an attention
+# layer, and check_matches, run on every call, refuses a posterior name that is gone.
+_GENERATION = [0]
+_FACTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, _Facts]] = weakref.WeakKeyDictionary()
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+
+
+def _structure_moved(*_: Any) -> None:
+    _GENERATION[0] += 1
+
+
+for _register in (
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+    torch.nn.modules.module.register_module_module_registration_hook,
+):
+    _register(_structure_moved)
+
+
 def _facts(module: nn.Module) -> _Facts:
-    """One walk over the layers. Without ties, functional_call's untying walk (a tenth of a
-    small MLP's forward) is skipped; with them, a draw for one name reaches the other, so tied
-    weights stay tied. ``attends`` is False only for modules made of ``torch.nn``'s own layers,
-    none of them attention: any class of the user's (or of a library's) may call
-    ``scaled_dot_product_attention``."""
+    """One walk over the layers (kept until the structure moves). Without ties,
+    functional_call's untying walk (a tenth of a small MLP's forward) is skipped; with them, a
+    draw for one name reaches the other, so tied weights stay tied. ``attends`` is False only
+    for modules made of ``torch.nn``'s own layers, none of them attention: any class of the
+    user's (or of a library's) may call ``scaled_dot_product_attention``."""
+    cached = _FACTS.get(module)
+    if cached is not None and cached[0] == _GENERATION[0]:
+        return cached[1]
     seen: set[int] = set()
     count = 0
     attends = False
-    for layer in module.modules():  # _parameters and _buffers directly: no name building
+    for layer in _layers(module):  # _parameters and _buffers directly: no name building
         kind = type(layer)
         if not attends and (
             not kind.__module__.startswith("torch.nn.modules.") or issubclass(kind, _ATTENTION)
@@ -457,7 +490,22 @@ def _facts(module: nn.Module) -> _Facts:
                 if tensor is not None:
                     seen.add(id(tensor))
                     count += 1
-    return _Facts(len(seen) != count, attends)
+    facts = _Facts(len(seen) != count, attends)
+    _FACTS[module] = (_GENERATION[0], facts)
+    return facts
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """Every submodule once, the module first: ``modules()`` without its generators."""
+    found, stack, seen = [], [module], set()
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        found.append(layer)
+        stack.extend(child for child in layer._modules.values() if child is not None)
+    return found
 
 
 def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:

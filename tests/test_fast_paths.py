@@ -144,3 +144,31 @@ def test_a_forward_that_draws_and_then_raises_leaves_the_global_rng_as_it_was():
     with pytest.raises(RuntimeError, match="boom"):
         tb.predict(net, tb.from_module(net), KEY, data(1, 2), num_samples=2, strategy="loop")
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_structure_changed_after_a_call_is_seen():
+    """What is kept per module (ties, attention, slots) must follow the module: tying weights,
+    swapping a layer or deleting a parameter after a first predict changes the next one."""
+    net = mlp((3, 3, 3))
+    x = data(2, 3)
+    post = tb.from_module(net, include="0.weight")
+    tb.predict(net, post, KEY, x, num_samples=2, strategy="vmap")  # facts and slots kept
+    net[2].weight = net[0].weight  # tied now: the draw must reach layer 2 too
+    tied = tb.predict(net, post, KEY, x, num_samples=2, strategy="vmap")
+    torch.testing.assert_close(tied, reference(net, post, x, 2, "vmap"), rtol=0, atol=0)
+
+    net = mlp((3, 3, 3))
+    post = tb.from_module(net, include="2.*")
+    tb.predict(net, post, KEY, x, num_samples=2, strategy="loop")
+    net[2] = seeded(lambda: nn.Linear(3, 3))  # a new layer: the old slots point nowhere
+    swapped = tb.predict(net, post, KEY, x, num_samples=2, strategy="loop")
+    torch.testing.assert_close(swapped, reference(net, post, x, 2), rtol=0, atol=0)
+    assert net[2].weight is net[2]._parameters["weight"]  # and the new layer keeps its own
+
+    net = mlp((3, 3, 3))
+    net.register_buffer("shift", torch.zeros(3))
+    post = {"shift": torch.ones(3), **tb.from_module(net)}
+    tb.predict(net, post, KEY, x, num_samples=2, strategy="loop")
+    del net.shift  # no hook fires for a deletion: the name check (every call) catches it
+    with pytest.raises(ValueError, match=r"posterior\['shift'\] names no parameter or buffer"):
+        tb.predict(net, post, KEY, x, num_samples=2, strategy="loop")
