@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tbfunc._checks import check_posterior_dict, fail
 from tbfunc._dropout import DROPOUT_LAYERS, active_dropout, keyed_dropout
 from tbfunc._sampling import canonical, tracked
-from tbfunc.posterior import check_node, is_posterior
+from tbfunc.posterior import GAUSSIAN_FAMILIES, check_node, is_posterior
 
 __all__ = [
     "Strategy",
@@ -55,10 +55,48 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
 
     A name may be the module's own or its canonical form (without ``_orig_mod.``, which
     ``torch.compile`` inserts), so one posterior serves the eager and the compiled module.
+    The result is kept for the same module structure (see ``_GENERATION``) and the same node
+    tensors (by identity), so repeated calls on one posterior do not redo the checks.
     """
     if not isinstance(module, nn.Module):
         fail("module", "an nn.Module", module, error=TypeError)
     check_posterior_dict(posterior)
+    cached = _MATCHES.get(module)
+    if cached is not None and cached[0] == _GENERATION[0] and _same_nodes(posterior, cached[1]):
+        return cached[2]
+    names = _check_matches(module, posterior)
+    witnesses = _witnesses(posterior)
+    if witnesses is not None:
+        _MATCHES[module] = (_GENERATION[0], witnesses, names)
+    return names
+
+
+def _witnesses(posterior: dict) -> tuple | None:
+    """``(name, weak mu, weak rho)`` per node: what a kept check is valid for (our Gaussian
+    nodes only; other families are checked every time)."""
+    found = []
+    for name, node in posterior.items():
+        if not isinstance(node, GAUSSIAN_FAMILIES):
+            return None
+        found.append((name, weakref.ref(node.mu), weakref.ref(node.rho)))
+    return tuple(found)
+
+
+def _same_nodes(posterior: dict, witnesses: tuple) -> bool:
+    if len(posterior) != len(witnesses):
+        return False
+    for (name, node), (seen, mu, rho) in zip(posterior.items(), witnesses, strict=True):
+        if (
+            name != seen
+            or not isinstance(node, GAUSSIAN_FAMILIES)
+            or node.mu is not mu()
+            or node.rho is not rho()
+        ):
+            return False
+    return True
+
+
+def _check_matches(module: nn.Module, posterior: dict) -> dict[str, str]:
     tensors: dict[str, Tensor] = {}  # filled lazily: most names are found by a direct look-up
     by_canonical: dict[str, str] = {}
     names: dict[str, str] = {}
@@ -453,6 +491,7 @@ class _Facts(NamedTuple):
 _GENERATION = [0]
 _FACTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, _Facts]] = weakref.WeakKeyDictionary()
 _SLOTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_MATCHES: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def _structure_moved(*_: Any) -> None:

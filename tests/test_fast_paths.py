@@ -172,3 +172,21 @@ def test_structure_changed_after_a_call_is_seen():
     del net.shift  # no hook fires for a deletion: the name check (every call) catches it
     with pytest.raises(ValueError, match=r"posterior\['shift'\] names no parameter or buffer"):
         tb.predict(net, post, KEY, x, num_samples=2, strategy="loop")
+
+
+def test_kept_name_checks_follow_new_nodes_and_new_parameters():
+    """check_matches keeps its result for the same nodes and module structure only."""
+    net = mlp((3, 4, 2))
+    x = data(2, 3)
+    post = tb.from_module(net)
+    tb.predict(net, post, KEY, x, num_samples=2)  # checked and kept
+    post["0.weight"] = tb.PretrainedGaussianPosterior.from_param(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match=r"posterior\['0.weight'\].mu has shape \(5, 3\)"):
+        tb.predict(net, post, KEY, x, num_samples=2)
+    post = tb.from_module(net)
+    tb.predict(net, post, KEY, x, num_samples=2)
+    net[0].weight = nn.Parameter(torch.zeros(4, 3, dtype=torch.float64))  # a hook fires
+    with pytest.raises(
+        ValueError, match=r"dtype torch.float32 but the module's parameter has dtype torch.float64"
+    ):
+        tb.predict(net, post, KEY, x, num_samples=2)
