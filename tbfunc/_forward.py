@@ -492,6 +492,7 @@ _GENERATION = [0]
 _FACTS: weakref.WeakKeyDictionary[nn.Module, tuple[int, _Facts]] = weakref.WeakKeyDictionary()
 _SLOTS: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 _MATCHES: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_LAYERS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def _structure_moved(*_: Any) -> None:
@@ -535,7 +536,12 @@ def _facts(module: nn.Module) -> _Facts:
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:
-    """Every submodule once, the module first: ``modules()`` without its generators."""
+    """Every submodule once, the module first: ``modules()`` without its generators, kept
+    until the structure moves (the submodules only: a value that held the module itself would
+    keep its weak key alive)."""
+    cached = _LAYERS.get(module)
+    if cached is not None and cached[0] == _GENERATION[0]:
+        return [module, *cached[1]]
     found, stack, seen = [], [module], set()
     while stack:
         layer = stack.pop()
@@ -544,6 +550,7 @@ def _layers(module: nn.Module) -> list[nn.Module]:
         seen.add(id(layer))
         found.append(layer)
         stack.extend(child for child in layer._modules.values() if child is not None)
+    _LAYERS[module] = (_GENERATION[0], found[1:])
     return found
 
 

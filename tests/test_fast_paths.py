@@ -190,3 +190,17 @@ def test_kept_name_checks_follow_new_nodes_and_new_parameters():
         ValueError, match=r"dtype torch.float32 but the module's parameter has dtype torch.float64"
     ):
         tb.predict(net, post, KEY, x, num_samples=2)
+
+
+def test_what_is_kept_per_module_does_not_keep_the_module_alive():
+    import gc
+    import weakref
+
+    net = mlp((3, 4, 2))
+    post = tb.from_module(net)
+    for strategy in ("vmap", "loop", "auto"):
+        tb.predict(net, post, KEY, data(2, 3), num_samples=2, strategy=strategy)
+    alive = weakref.ref(net)
+    del net, post
+    gc.collect()
+    assert alive() is None
