@@ -131,35 +131,6 @@ def _fused(
     return None
 
 
-def _noise_eager(
-    keys: Tensor,
-    hashes: list[int],
-    numels: list[int],
-    uniform: bool,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    total = _samples(keys, hashes, numels) * sum(numels)
-    if device.type == "cpu":
-        library = _native.kernel()
-        wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-        if library is not None:
-            out = torch.empty(total, dtype=wide)
-            _fill_flat(library, out, keys, hashes, numels, uniform)
-        else:
-            segment_keys, segment_numels = _segments(keys, hashes, numels)
-            out = _philox.fill(segment_keys, segment_numels, uniform)
-        return out.to(dtype)
-    out = torch.empty(total, dtype=dtype, device=device)
-    if _use_triton(device, dtype) and not uniform:
-        if hashes:
-            return _triton().fill_(out, keys, numels, hashes)
-        # the kernel's unfolded mode takes one length per key, in the flat order
-        return _triton().fill_(out, keys, numels * _samples(keys, hashes, numels))
-    segment_keys, segment_numels = _segments(keys, hashes, numels)
-    return _fill_with_generator(out, segment_keys.tolist(), segment_numels, uniform)
-
-
 def _segments(keys: Tensor, hashes: list[int], numels: list[int]) -> tuple[Tensor, list[int]]:
     """Per-segment keys ``(T, 2)`` and lengths, in the flat output's order."""
     samples = _samples(keys, hashes, numels)
@@ -301,7 +272,27 @@ def _noise_op(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    return _noise_eager(keys, hashes, numels, uniform, dtype, device)
+    """The eager kernel: the C kernel (or its tensor-op twin) on the CPU, Triton or the
+    reseeded device generator on GPUs."""
+    total = _samples(keys, hashes, numels) * sum(numels)
+    if device.type == "cpu":
+        library = _native.kernel()
+        wide = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        if library is not None:
+            out = torch.empty(total, dtype=wide)
+            _fill_flat(library, out, keys, hashes, numels, uniform)
+        else:
+            segment_keys, segment_numels = _segments(keys, hashes, numels)
+            out = _philox.fill(segment_keys, segment_numels, uniform)
+        return out.to(dtype)
+    out = torch.empty(total, dtype=dtype, device=device)
+    if _use_triton(device, dtype) and not uniform:
+        if hashes:
+            return _triton().fill_(out, keys, numels, hashes)
+        # the kernel's unfolded mode takes one length per key, in the flat order
+        return _triton().fill_(out, keys, numels * _samples(keys, hashes, numels))
+    segment_keys, segment_numels = _segments(keys, hashes, numels)
+    return _fill_with_generator(out, segment_keys.tolist(), segment_numels, uniform)
 
 
 @_noise_op.register_fake
