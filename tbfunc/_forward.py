@@ -101,7 +101,8 @@ def _check_matches(module: nn.Module, posterior: dict) -> dict[str, str]:
     by_canonical: dict[str, str] = {}
     names: dict[str, str] = {}
     for name, node in posterior.items():
-        target = _own_tensor(module, name)
+        slot = _slot(module, name)
+        target = None if slot is None else slot[0][slot[1]]
         actual: str | None = name
         if target is None:
             if not tensors:
@@ -159,14 +160,17 @@ def owner(module: nn.Module, name: str) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
-def _own_tensor(module: nn.Module, name: str) -> Tensor | None:
-    """The parameter or buffer at ``name``, found without walking the whole module."""
+def _slot(module: nn.Module, name: str) -> tuple[dict, str] | None:
+    """The ``_parameters`` or ``_buffers`` table holding a tensor at ``name``, and its key,
+    found without walking the whole module; None where no plain parameter or buffer is."""
     holder = owner(module, name)
     if holder is None:
         return None
     leaf = name.rpartition(".")[2]
-    found = holder._parameters.get(leaf)
-    return holder._buffers.get(leaf) if found is None else found
+    for table in (holder._parameters, holder._buffers):
+        if table.get(leaf) is not None:
+            return table, leaf
+    return None
 
 
 def check_modes(module: nn.Module, entry: str, dropout: bool = False) -> None:
@@ -390,17 +394,10 @@ def _slots(
     cached = per_module.get(key)
     if cached is not None and cached[0] == _GENERATION[0]:
         return cached[1]
-    slots: list[tuple[dict, str]] | None = []
-    for name in key:
-        holder = owner(module, name)
-        leaf = name.rpartition(".")[2]
-        if holder is not None and leaf in holder._parameters:
-            slots.append((holder._parameters, leaf))  # type: ignore[union-attr]
-        elif holder is not None and leaf in holder._buffers:
-            slots.append((holder._buffers, leaf))  # type: ignore[union-attr]
-        else:
-            slots = None
-            break
+    found = [_slot(module, name) for name in key]
+    resolved = [slot for slot in found if slot is not None]
+    # a name that is no plain parameter or buffer: functional_call's general path
+    slots = resolved if len(resolved) == len(found) else None
     if len(per_module) > 16:
         per_module.clear()
     per_module[key] = (_GENERATION[0], slots)
