@@ -116,7 +116,9 @@ def _fused(
         mus = [m.contiguous() for m in mus]
         sigmas = [s.contiguous() for s in sigmas]
         outs = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
-        _fill_native(library, outs, keys, hashes, [m.numel() for m in mus], False, mus, sigmas)
+        addresses = [out.data_ptr() for out in outs]
+        numels = [m.numel() for m in mus]
+        _fill_native(library, dtype, addresses, keys, hashes, numels, False, mus, sigmas)
         return outs
     if hashes and _use_triton(device, dtype):
         numels = [m.numel() for m in mus]
@@ -151,12 +153,13 @@ def _fill_flat(
         offsets.append(offsets[-1] + (samples * count if hashes else count))
     addresses = [out.data_ptr() + width * offset for offset in offsets]
     strides = None if hashes else [sum(numels)] * len(numels)
-    _fill_native(library, addresses, keys, hashes, numels, uniform, None, None, strides, out.dtype)
+    _fill_native(library, out.dtype, addresses, keys, hashes, numels, uniform, None, None, strides)
 
 
 def _fill_native(
     library: Any,
-    outs: list[Tensor] | list[int],
+    dtype: torch.dtype,
+    outs: list[int],
     keys: Tensor,
     hashes: list[int] | None,
     numels: list[int],
@@ -164,24 +167,22 @@ def _fill_native(
     mus: list[Tensor] | None,
     sigmas: list[Tensor] | None,
     strides: list[int] | None = None,
-    dtype: torch.dtype | None = None,
 ) -> None:
-    """Node ``l``'s segment ``s`` at ``outs[l]`` (a contiguous tensor, or an address with
-    ``dtype``) plus ``s * strides[l]`` elements (default ``numels[l]``); one kernel call per
-    thread, each writing a contiguous run of the concatenated segments."""
+    """Node ``l``'s segment ``s`` at address ``outs[l]`` plus ``s * strides[l]`` elements
+    (default ``numels[l]``) of ``dtype``; one kernel call per thread, each writing a
+    contiguous run of the concatenated segments."""
     keys = keys.contiguous()
     samples = _samples(keys, hashes, numels)
     nodes = len(numels)
     # small tables as ctypes arrays: cheaper than tensors, and alive until the calls return
     table = ctypes.c_int64 * nodes
-    out_table = table(*[o if isinstance(o, int) else o.data_ptr() for o in outs])
+    out_table = table(*outs)
     stride_table = table(*strides) if strides is not None else None
     hash_table = table(*hashes) if hashes else None
     numel_table = table(*numels)
     mu_table = table(*[m.data_ptr() for m in mus]) if mus is not None else None
     sigma_table = table(*[s.data_ptr() for s in sigmas]) if sigmas is not None else None
-    first = outs[0]
-    kind = 0 if (dtype if isinstance(first, int) else first.dtype) == torch.float32 else 1
+    kind = 0 if dtype == torch.float32 else 1
     total = samples * sum(numels)
 
     def run(begin: int, end: int) -> None:
