@@ -6,28 +6,41 @@ key, ``functional_call`` runs the unchanged model with sampled weights, and ``vm
 Monte-Carlo samples.
 """
 
-from tbfunc import distributed, interop, metrics, random
+from tbfunc import distributed, interop, metrics, optim, random
+from tbfunc.diagnostics import check_predictions, diagnostics
 from tbfunc.io import from_state_dict, load, save, state_dict
 from tbfunc.kl import kl_divergence
+from tbfunc.likelihood import GaussianLikelihood, HeteroscedasticGaussianLikelihood
 from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
 from tbfunc.nn import PosteriorModule
 from tbfunc.objective import nelbo, parameters
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, VariationalPosterior
-from tbfunc.prior import GaussianPrior, LaplacePrior, ScaleMixturePrior, pretrained_prior
+from tbfunc.prior import (
+    GaussianPrior,
+    LaplacePrior,
+    ScaleMixturePrior,
+    empirical_prior,
+    pretrained_prior,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GaussianLikelihood",
     "GaussianPosterior",
     "GaussianPrior",
+    "HeteroscedasticGaussianLikelihood",
     "LaplacePrior",
     "PosteriorModule",
     "PretrainedGaussianPosterior",
     "ScaleMixturePrior",
     "VariationalPosterior",
     "__version__",
+    "check_predictions",
     "choose_strategy",
+    "diagnostics",
     "distributed",
+    "empirical_prior",
     "from_module",
     "from_state_dict",
     "functional_call",
@@ -37,6 +50,7 @@ __all__ = [
     "mean",
     "metrics",
     "nelbo",
+    "optim",
     "parameters",
     "predict",
     "pretrained_prior",

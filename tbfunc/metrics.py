@@ -29,7 +29,11 @@ __all__ = [
     "brier_score",
     "expected_calibration_error",
     "expected_entropy",
+    "fit_temperature",
     "fpr_at_tpr",
+    "gaussian_nll",
+    "interval_coverage",
+    "log_predictive",
     "mutual_information",
     "nll",
     "predictive_entropy",
@@ -37,6 +41,7 @@ __all__ = [
     "predictive_mean",
     "predictive_variance",
     "reliability_diagram",
+    "rmse",
 ]
 
 Reduction = Literal["mean", "sum", "none"]
@@ -68,8 +73,112 @@ def predictive_interval(samples: Tensor, level: float = 0.9) -> tuple[Tensor, Te
     return low, high
 
 
+def gaussian_nll(
+    samples: Tensor, target: Tensor, noise: float | Tensor, *, reduction: Reduction = "mean"
+) -> Tensor:
+    """``-log (1/S) sum_s N(target; samples_s, noise^2)`` per element: the negative
+    log-likelihood of the predictive mixture of Gaussians (logsumexp over samples; the UCI
+    benchmark's test log-likelihood is minus its mean). Each element of a multi-output target
+    is scored on its own.
+
+    Args:
+        samples: ``(S, ...)`` predicted means (one deterministic model: ``mean[None]``).
+        target: shaped like one sample.
+        noise: the observation noise standard deviation: a float, a tensor per output (the last
+            axis), or per example (target's shape, or ``(S, ...)`` for a heteroscedastic head).
+    """
+    samples, target = _regression(samples, target)
+    noise = _noise(noise, samples)
+    wide = torch.promote_types(samples.dtype, torch.float32)
+    samples, target, noise = samples.to(wide), target.to(wide), noise.to(wide)
+    log_densities = -0.5 * ((target - samples) / noise) ** 2 - torch.log(noise)
+    log_mixture = torch.logsumexp(log_densities, dim=0) - math.log(samples.shape[0])
+    return _reduce(-(log_mixture - 0.5 * math.log(2 * math.pi)), reduction)
+
+
+def rmse(samples: Tensor, target: Tensor) -> Tensor:
+    """The root mean squared error of the predictive mean: ``sqrt(mean((mean_s - target)^2))``."""
+    samples, target = _regression(samples, target)
+    return (samples.mean(0) - target).pow(2).mean().sqrt()
+
+
+def interval_coverage(
+    samples: Tensor, target: Tensor, level: float = 0.9, noise: float | Tensor | None = None
+) -> Tensor:
+    """The fraction of targets inside the central ``level`` predictive interval (``level`` for
+    a calibrated model; lower: too narrow, higher: too wide).
+
+    Without ``noise`` the interval is that of the draws (``predictive_interval``). With it, the
+    predictive is the mixture ``(1/S) sum_s N(samples_s, noise^2)`` and a target lies inside
+    exactly when its mixture CDF is in ``[(1 - level) / 2, (1 + level) / 2]``.
+    """
+    samples, target = _regression(samples, target)
+    if noise is None:
+        low, high = predictive_interval(samples, level)
+        inside = (target >= low) & (target <= high)
+    else:
+        if not isinstance(level, int | float) or not 0 < level < 1:
+            fail("level", "a float in (0, 1)", level)
+        scale = _noise(noise, samples).double()
+        z = (target.double() - samples.double()) / scale
+        cdf = (0.5 * torch.erfc(-z / math.sqrt(2))).mean(0)
+        inside = (cdf >= (1 - level) / 2) & (cdf <= (1 + level) / 2)
+    return inside.to(torch.get_default_dtype()).mean()
+
+
 # ----------------------------------------------------------------------------------------------
 # Classification, on logits (S, ..., C).
+
+
+def log_predictive(logits: Tensor) -> Tensor:
+    """``log((1/S) sum_s softmax(logits_s))`` per example and class, shape ``(..., C)``: the
+    predictive mixture in log space (``logsumexp`` over samples, float32 or wider), finite
+    where the probabilities themselves underflow."""
+    return _log_predictive(logits)
+
+
+def fit_temperature(
+    logits: Tensor, target: Tensor, *, bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """The temperature ``T`` minimising ``nll(logits / T, target)`` (Guo et al. 2017): fit it on
+    a validation split, then report ``nll(test_logits / T, test_target)``.
+
+    Every sample's logits are divided by the same ``T``. The NLL is convex in ``1 / T`` for one
+    model; the search is a grid over ``log T`` followed by golden-section refinement, so the
+    result is deterministic and needs no learning rate.
+
+    Args:
+        logits: ``(S, ..., C)`` (one model: ``logits[None]``).
+        target: integer classes ``(...)``.
+        bounds: the range of ``T`` searched.
+    """
+    target = _target(target, _logits(logits))
+    low, high = bounds
+    if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 < low < high):
+        fail("bounds", "a pair (low, high) with 0 < low < high", bounds)
+    with torch.no_grad():
+        wide = logits.detach().double()
+
+        def loss(log_t: float) -> float:
+            return float(nll(wide / math.exp(log_t), target))
+
+        grid = torch.linspace(math.log(low), math.log(high), 41).tolist()
+        values = [loss(t) for t in grid]
+        best = min(range(len(grid)), key=values.__getitem__)
+        a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+        ratio = (math.sqrt(5) - 1) / 2
+        c, d = b - ratio * (b - a), a + ratio * (b - a)
+        fc, fd = loss(c), loss(d)
+        for _ in range(40):
+            if fc < fd:
+                b, d, fd = d, c, fc
+                c = b - ratio * (b - a)
+                fc = loss(c)
+            else:
+                a, c, fc = c, d, fd
+                d = a + ratio * (b - a)
+                fd = loss(d)
+    return math.exp((a + b) / 2)
 
 
 def predictive_entropy(logits: Tensor) -> Tensor:
@@ -236,6 +345,36 @@ def _samples(samples: Any) -> Tensor:
     if not samples.is_floating_point():
         fail("samples", "a floating-point tensor", samples, error=TypeError)
     return samples
+
+
+def _regression(samples: Any, target: Any) -> tuple[Tensor, Tensor]:
+    samples = _samples(samples)
+    if not isinstance(target, Tensor) or not target.is_floating_point():
+        fail("target", "a floating-point tensor", target, error=TypeError)
+    if tuple(target.shape) != tuple(samples.shape[1:]):
+        hint = (
+            "samples seem to lack the leading sample axis: pass tb.predict's stacked output, "
+            "or mean[None] for one deterministic model."
+            if tuple(target.shape) == tuple(samples.shape)
+            else ""
+        )
+        fail("target", f"a tensor of shape {tuple(samples.shape[1:])} (one sample's)", target, hint)
+    if target.numel() == 0:
+        fail("target", "a non-empty tensor", target)
+    return samples, target
+
+
+def _noise(noise: Any, samples: Tensor) -> Tensor:
+    if isinstance(noise, bool) or not isinstance(noise, int | float | Tensor):
+        fail("noise", "a positive float or tensor", noise, error=TypeError)
+    noise = torch.as_tensor(noise, dtype=samples.dtype, device=samples.device)
+    if not bool((noise > 0).all()) or not bool(torch.isfinite(noise).all()):
+        fail("noise", "positive and finite (a standard deviation)", noise)
+    try:
+        torch.broadcast_shapes(noise.shape, samples.shape)
+    except RuntimeError:
+        fail("noise", f"a float or a tensor broadcastable to {tuple(samples.shape[1:])}", noise)
+    return noise
 
 
 def _logits(logits: Any) -> Tensor:

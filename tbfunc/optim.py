@@ -1,0 +1,391 @@
+"""Posterior optimizers: natural-gradient mean-field VI (variational online Newton).
+
+Written from the papers' equations (Khan & Rue 2023, "The Bayesian learning rule", JMLR 24;
+Shen et al. 2024, "Variational learning is effective for large deep networks", ICML, Algorithm
+1). The posterior is ``N(mu, sigma^2)`` element-wise with ``sigma^2 = 1 / (N (h + delta))``:
+``N`` the effective sample size (``num_data``), ``delta`` the prior precision per data point
+(the prior ``N(prior_mean, 1 / (N delta))`` acts as weight decay), ``h`` a running estimate
+of the expected diagonal Hessian of the per-point loss. One step, with ``eps`` the noise of
+the step's draw ``theta = mu + sigma * eps`` and ``g`` the gradient of the mean minibatch loss
+(the data term only: no KL) at ``theta``:
+
+1. ``h_hat = g * eps / sigma`` (reparametrisation / Price's theorem: unbiased for E[diag H]);
+2. ``gbar = beta1 gbar + (1 - beta1) g``;
+3. ``h = beta2 h + (1 - beta2) h_hat + (1 - beta2)^2 (h - h_hat)^2 / (2 (h + delta))``
+   (the last term is the Riemannian correction that keeps ``h + delta > 0``);
+4. ``mu = mu - lr (gbar / (1 - beta1^t) + delta (mu - prior_mean)) / (h + delta)``;
+5. ``rho = softplus^-1(1 / sqrt(N (h + delta)))``.
+
+The result is an ordinary tbfunc posterior tree (``predict``, ``save``, ``PosteriorModule``
+work on it). ``von`` is functional (optax-like ``init``/``update``; the eps of step 1 is drawn
+again from the step's key, since tbfunc's noise is a pure function of the key: nothing is
+stored); ``VON`` is a ``torch.optim.Optimizer`` for imperative loops, which reads ``g`` from
+``mu.grad`` and ``g * eps`` from ``rho.grad`` (``d theta / d rho = eps * sigmoid(rho)``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc._sampling import sample_many
+from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
+
+__all__ = ["VON", "VONState", "von"]
+
+LearningRate = float | Callable[[int], float]
+
+
+class VONState(NamedTuple):
+    """The optimizer's state, a pytree of tensors: the step count and, per posterior name, the
+    gradient momentum ``gbar`` and the curvature estimate ``h``."""
+
+    step: Tensor
+    momentum: dict[str, Tensor]
+    hessian: dict[str, Tensor]
+
+
+class _Config(NamedTuple):
+    lr: LearningRate
+    num_data: int
+    beta1: float
+    beta2: float
+    hess_init: float
+    weight_decay: float
+    clip: float | None
+
+
+class VONTransform(NamedTuple):
+    """``init(posterior) -> state`` and ``update(grads, state, posterior, key) ->
+    (posterior, state)``, as returned by ``von``."""
+
+    init: Callable[[dict[str, Any]], VONState]
+    update: Callable[..., tuple[dict[str, Any], VONState]]
+
+
+def von(
+    lr: LearningRate,
+    *,
+    num_data: int,
+    beta1: float = 0.9,
+    beta2: float = 0.99999,
+    hess_init: float = 0.1,
+    weight_decay: float = 1e-4,
+    clip: float | None = None,
+    prior_mean: dict[str, Tensor] | None = None,
+) -> VONTransform:
+    """Variational online Newton, functionally (the module docstring has the equations).
+
+    Args:
+        lr: the step size ``alpha`` (far larger than Adam's: 0.05-1), or ``step -> lr``
+            (``step`` counts from 1).
+        num_data: the effective sample size ``N``, the number of training points.
+        beta1, beta2: the momentum and curvature averaging (``beta2`` very close to 1).
+        hess_init: the initial ``h`` (sets the first steps' ``sigma``).
+        weight_decay: ``delta``, the prior precision per data point.
+        clip: if given, each element of the preconditioned step is clipped to ``[-clip, clip]``
+            (guards the first steps, when ``h`` is still a guess).
+        prior_mean: the prior's centre per name (e.g. the pretrained weights); default 0.
+
+    Returns:
+        ``VONTransform(init, update)``. ``update(grads, state, posterior, key)`` takes the
+        gradient of the mean minibatch loss with respect to the sampled weights
+        ``tb.sample(posterior, key)`` (a dict keyed like the posterior) and the same ``key``.
+
+    Example:
+        >>> import torch, tbfunc as tb
+        >>> net = torch.nn.Linear(3, 1)
+        >>> post = tb.from_module(net)
+        >>> opt = tb.optim.von(0.1, num_data=100)
+        >>> state = opt.init(post)
+        >>> x, y, key = torch.randn(8, 3), torch.randn(8, 1), tb.random.key(0)
+        >>> def loss(w):
+        ...     return ((torch.func.functional_call(net, w, (x,)) - y) ** 2).mean() / 2
+        >>> grads = torch.func.grad(loss)(tb.sample(post, key))
+        >>> post, state = opt.update(grads, state, post, key)
+    """
+    config = _config(lr, num_data, beta1, beta2, hess_init, weight_decay, clip)
+
+    def init(posterior: dict[str, Any]) -> VONState:
+        nodes = _gaussian_nodes(posterior)
+        _check_prior_mean(prior_mean, nodes)
+        return VONState(
+            torch.zeros((), dtype=torch.int64),
+            {name: torch.zeros_like(node.mu) for name, node in nodes.items()},
+            {name: torch.full_like(node.mu, config.hess_init) for name, node in nodes.items()},
+        )
+
+    def update(
+        grads: dict[str, Tensor], state: VONState, posterior: dict[str, Any], key: Tensor
+    ) -> tuple[dict[str, Any], VONState]:
+        key = check_key(key)
+        nodes = _gaussian_nodes(posterior)
+        if not isinstance(state, VONState) or set(state.hessian) != set(nodes):
+            fail("state", "the VONState that init(posterior) returned", state, error=TypeError)
+        _check_grads(grads, nodes)
+        noise = _noise_of(posterior, key)
+        step = int(state.step) + 1
+        new = dict(posterior)
+        momentum, hessian = {}, {}
+        with torch.no_grad():
+            for name, node in nodes.items():
+                centre = None if prior_mean is None else prior_mean[name]
+                mu, sigma, gbar, h = _step(
+                    config,
+                    step,
+                    node.mu,
+                    node.sigma,
+                    grads[name],
+                    grads[name] * noise[name],
+                    state.momentum[name],
+                    state.hessian[name],
+                    centre,
+                )
+                new[name] = node._replace(mu=mu, rho=_inverse_softplus(sigma))
+                momentum[name], hessian[name] = gbar, h
+        return new, VONState(state.step + 1, momentum, hessian)
+
+    return VONTransform(init, update)
+
+
+class VON(torch.optim.Optimizer):
+    """Variational online Newton as a ``torch.optim.Optimizer`` over a posterior's tensors.
+
+    The loss must be the data term only, computed through the posterior with one draw, so that
+    ``mu.grad = g`` and ``rho.grad = g * eps * sigmoid(rho)``; the prior enters as
+    ``weight_decay``. ``step()`` then updates ``mu`` and ``rho`` in place (the tree stays
+    usable with ``predict``/``save``). ``state_dict``/``load_state_dict`` checkpoint it.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, tbfunc as tb
+        >>> net = torch.nn.Linear(3, 2)
+        >>> post = tb.from_module(net)
+        >>> opt = tb.optim.VON(post, lr=0.1, num_data=100)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> loss = F.cross_entropy(tb.functional_call(net, post, tb.random.key(0), x), y)
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        posterior: dict[str, Any],
+        lr: float = 0.1,
+        *,
+        num_data: int,
+        beta1: float = 0.9,
+        beta2: float = 0.99999,
+        hess_init: float = 0.1,
+        weight_decay: float = 1e-4,
+        clip: float | None = None,
+        prior_mean: dict[str, Tensor] | None = None,
+    ) -> None:
+        if callable(lr):
+            fail(
+                "lr", "a float (use a torch.optim.lr_scheduler for schedules)", lr, error=TypeError
+            )
+        nodes = _gaussian_nodes(posterior)
+        _check_prior_mean(prior_mean, nodes)
+        config = _config(lr, num_data, beta1, beta2, hess_init, weight_decay, clip)
+        self._names = list(nodes)
+        self._prior_mean = prior_mean
+        params: list[Tensor] = []
+        for node in nodes.values():
+            for tensor in (node.mu, node.rho):
+                if not tensor.is_leaf:
+                    fail("posterior", "leaf tensors (detach them first)", tensor)
+                params.append(tensor.requires_grad_(True))
+        defaults = config._asdict()
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            config = _Config(**{field: group[field] for field in _Config._fields})
+            params = group["params"]
+            for index in range(0, len(params), 2):
+                mu, rho = params[index], params[index + 1]
+                name = self._names[index // 2]
+                if mu.grad is None or rho.grad is None:
+                    raise RuntimeError(
+                        f"posterior[{name!r}] has no gradient in mu and rho: compute the loss "
+                        "through the posterior (tb.functional_call(module, posterior, key, x)) "
+                        "and call loss.backward() before step()."
+                    )
+                state = self.state[mu]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.int64)
+                    state["momentum"] = torch.zeros_like(mu)
+                    state["hessian"] = torch.full_like(mu, config.hess_init)
+                state["step"] += 1
+                sigma = F.softplus(rho)
+                # d theta / d rho = eps * sigmoid(rho), so rho.grad / sigmoid(rho) = g * eps
+                g_eps = rho.grad / torch.sigmoid(rho)
+                centre = None if self._prior_mean is None else self._prior_mean[name]
+                new_mu, new_sigma, gbar, h = _step(
+                    config,
+                    int(state["step"]),
+                    mu,
+                    sigma,
+                    mu.grad,
+                    g_eps,
+                    state["momentum"],
+                    state["hessian"],
+                    centre,
+                )
+                mu.copy_(new_mu)
+                rho.copy_(_inverse_softplus(new_sigma))
+                state["momentum"], state["hessian"] = gbar, h
+        return loss
+
+
+def _step(
+    config: _Config,
+    step: int,
+    mu: Tensor,
+    sigma: Tensor,
+    g: Tensor,
+    g_eps: Tensor,
+    gbar: Tensor,
+    h: Tensor,
+    centre: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One VON step for one node: ``(mu, sigma, gbar, h)`` after it (equations 1-5 above)."""
+    b1, b2, delta = config.beta1, config.beta2, config.weight_decay
+    h_hat = g_eps / sigma
+    gbar = b1 * gbar + (1 - b1) * g
+    h = b2 * h + (1 - b2) * h_hat + (1 - b2) ** 2 * (h - h_hat) ** 2 / (2 * (h + delta))
+    shift = mu if centre is None else mu - centre
+    direction = (gbar / (1 - b1**step) + delta * shift) / (h + delta)
+    if config.clip is not None:
+        direction = direction.clamp(-config.clip, config.clip)
+    lr = config.lr(step) if callable(config.lr) else config.lr
+    mu = mu - lr * direction
+    sigma = torch.rsqrt(config.num_data * (h + delta))
+    return mu, sigma, gbar, h
+
+
+def _inverse_softplus(sigma: Tensor) -> Tensor:
+    """``rho`` with ``softplus(rho) = sigma``: ``sigma + log(-expm1(-sigma))``, stable for
+    small sigma."""
+    return sigma + torch.log(-torch.expm1(-sigma))
+
+
+def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:
+    """The eps that ``tb.sample(posterior, key)`` used, per node: the same tree with ``mu = 0``
+    and ``sigma = 1`` drawn with the same key (``0 + 1 * eps`` is exact)."""
+    leaves, spec = optree.tree_flatten(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
+    unit = [
+        leaf._replace(mu=torch.zeros_like(leaf.mu)) if isinstance(leaf, GAUSSIAN_FAMILIES) else leaf
+        for leaf in leaves
+    ]
+    ones = {
+        i: torch.ones_like(leaf.mu)
+        for i, leaf in enumerate(leaves)
+        if isinstance(leaf, GAUSSIAN_FAMILIES)
+    }
+    drawn = sample_many(optree.tree_unflatten(spec, unit), key[None], ones, check=False)
+    return {
+        name: value[0]
+        for name, value in drawn.items()
+        if name in posterior and isinstance(posterior[name], GAUSSIAN_FAMILIES)
+    }
+
+
+def _gaussian_nodes(posterior: Any) -> dict[str, Any]:
+    if not isinstance(posterior, dict):
+        fail(
+            "posterior",
+            "a dict of parameter name -> Gaussian posterior node",
+            posterior,
+            "Build one with tb.from_module(module).",
+            TypeError,
+        )
+    nodes = {name: node for name, node in posterior.items() if isinstance(node, GAUSSIAN_FAMILIES)}
+    if not nodes:
+        fail("posterior", "a dict with at least one Gaussian posterior node", posterior)
+    return nodes
+
+
+def _check_grads(grads: Any, nodes: dict[str, Any]) -> None:
+    if not isinstance(grads, dict):
+        fail(
+            "grads",
+            "a dict keyed like the posterior (the gradient wrt tb.sample's tree)",
+            grads,
+            error=TypeError,
+        )
+    for name, node in nodes.items():
+        grad = grads.get(name)
+        if not isinstance(grad, Tensor) or grad.shape != node.mu.shape:
+            fail(
+                f"grads[{name!r}]",
+                f"a tensor of shape {tuple(node.mu.shape)} (the gradient wrt the sampled weight)",
+                grad,
+                error=TypeError if not isinstance(grad, Tensor) else ValueError,
+            )
+
+
+def _check_prior_mean(prior_mean: Any, nodes: dict[str, Any]) -> None:
+    if prior_mean is None:
+        return
+    if not isinstance(prior_mean, dict):
+        fail(
+            "prior_mean",
+            "a dict of name -> tensor (e.g. tb.mean(posterior))",
+            prior_mean,
+            error=TypeError,
+        )
+    for name, node in nodes.items():
+        centre = prior_mean.get(name)
+        if not isinstance(centre, Tensor) or centre.shape != node.mu.shape:
+            fail(f"prior_mean[{name!r}]", f"a tensor of shape {tuple(node.mu.shape)}", centre)
+
+
+def _config(
+    lr: Any,
+    num_data: Any,
+    beta1: Any,
+    beta2: Any,
+    hess_init: Any,
+    weight_decay: Any,
+    clip: Any,
+) -> _Config:
+    if not callable(lr) and not _positive(lr):
+        fail("lr", "a positive float or a callable step -> lr", lr)
+    count = check_positive_int(num_data, "num_data")
+    for value, arg in ((beta1, "beta1"), (beta2, "beta2")):
+        if not _number(value) or not 0 <= value < 1:
+            fail(arg, "a float in [0, 1)", value)
+    if not _number(hess_init) or not hess_init > 0:
+        fail("hess_init", "a positive float", hess_init)
+    if not _number(weight_decay) or not weight_decay > 0:
+        fail(
+            "weight_decay",
+            "a positive float (the prior precision per data point)",
+            weight_decay,
+            "A zero prior precision leaves sigma undefined where the data set no curvature.",
+        )
+    if clip is not None and not _positive(clip):
+        fail("clip", "None or a positive float", clip)
+    return _Config(
+        lr, count, float(beta1), float(beta2), float(hess_init), float(weight_decay), clip
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _number(value) and value > 0

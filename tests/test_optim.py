@@ -1,0 +1,250 @@
+"""tb.optim: variational online Newton, functional and as a torch.optim.Optimizer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tbfunc as tb
+from helpers import data, mlp, seeded
+
+N, D, NOISE, DELTA = 200, 3, 0.5, 1e-2
+
+
+def _regression():
+    x = data(N, D, seed=1, dtype=torch.float64)
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    y = x @ w + NOISE * data(N, seed=2, dtype=torch.float64)
+    net = seeded(lambda: nn.Linear(D, 1, bias=False).double())
+    precision = x.T @ x / NOISE**2 + N * DELTA * torch.eye(D, dtype=torch.float64)
+    mean = torch.linalg.solve(precision, x.T @ y / NOISE**2)
+    # the mean-field optimum of a Gaussian: the exact mean, variances 1 / diag(precision)
+    return x, y, net, mean, torch.diag(precision).rsqrt()
+
+
+def _loss(net, x, y):
+    def loss(weights):
+        out = torch.func.functional_call(net, weights, (x,))[:, 0]
+        return ((out - y) ** 2).mean() / (2 * NOISE**2)
+
+    return loss
+
+
+def test_fixed_point_is_the_exact_mean_field_optimum_of_bayesian_linear_regression():
+    # catches: a wrong sigma formula (N or delta misplaced), h_hat without the 1/sigma, the
+    # bias correction applied to h, a prior term of the wrong sign, eps from the wrong key
+    x, y, net, mean, sd = _regression()
+    post = tb.from_module(net)
+    opt = tb.optim.von(lambda t: 0.5 / (1 + t / 300), num_data=N, beta2=0.999, hess_init=1.0,
+                       weight_decay=DELTA)
+    state = opt.init(post)
+    loss = _loss(net, x, y)
+    root = tb.random.key(0)
+    tail_mu, tail_sigma = [], []
+    for step in range(3000):
+        key = tb.random.fold_in(root, step)
+        grads = torch.func.grad(loss)(tb.sample(post, key))
+        post, state = opt.update(grads, state, post, key)
+        if step >= 2000:
+            tail_mu.append(post["weight"].mu[0])
+            tail_sigma.append(post["weight"].sigma[0])
+    mu, sigma = torch.stack(tail_mu).mean(0), torch.stack(tail_sigma).mean(0)
+    assert torch.allclose(mu, mean, atol=0.1 * float(sd.min())), (mu, mean)
+    assert torch.allclose(sigma, sd, rtol=0.05), (sigma, sd)  # neither too wide nor too narrow
+
+
+def test_curvature_estimate_is_unbiased_for_the_hessian_diagonal():
+    # E[g * eps / sigma] = diag(H) (Price's theorem): with mu held still (a vanishing step)
+    # h is a running mean of the estimates; averaged over 1500 steps it must match diag(H)
+    # to 5% (its standard error here is ~1%); a missing 1/sigma, or eps from another key
+    # than the draw's (E[g * eps'] = 0), fails by far
+    x, y, net, mean, _ = _regression()
+    post = {"weight": tb.PretrainedGaussianPosterior.from_param(mean[None], sigma=0.05)}
+    hessian = torch.diag(x.T @ x) / (N * NOISE**2)
+    opt = tb.optim.von(1e-12, num_data=N, beta2=0.995, hess_init=4.0, weight_decay=DELTA)
+    state = opt.init(post)
+    loss = _loss(net, x, y)
+    tail = []
+    for step in range(2000):
+        key = tb.random.key(step)
+        grads = torch.func.grad(loss)(tb.sample(post, key))
+        post, state = opt.update(grads, state, post, key)
+        if step >= 500:
+            tail.append(state.hessian["weight"][0])
+    assert torch.allclose(torch.stack(tail).mean(0), hessian, rtol=0.05), hessian
+
+
+def _classifier():
+    net = mlp((4, 8, 3))
+    x, y = data(16, 4, seed=3), torch.arange(16) % 3
+    return net, x, y
+
+
+def test_the_optimizer_class_equals_the_functional_update():
+    # the class reads g * eps from rho.grad; the functional update redraws eps from the key
+    net, x, y = _classifier()
+    post_f = tb.from_module(net, sigma=0.05)
+    post_c = {n: p._replace(mu=p.mu.clone(), rho=p.rho.clone()) for n, p in post_f.items()}
+    kwargs = dict(num_data=100, hess_init=0.3, weight_decay=1e-3, beta2=0.99)
+    fn = tb.optim.von(0.05, **kwargs)
+    state = fn.init(post_f)
+    opt = tb.optim.VON(post_c, lr=0.05, **kwargs)
+
+    def loss(weights):
+        return F.cross_entropy(torch.func.functional_call(net, weights, (x,)), y)
+
+    for step in range(5):
+        key = tb.random.key(step)
+        grads = torch.func.grad(loss)(tb.sample(post_f, key))
+        post_f, state = fn.update(grads, state, post_f, key)
+        F.cross_entropy(tb.functional_call(net, post_c, key, x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for name in post_f:
+        assert torch.allclose(post_f[name].mu, post_c[name].mu, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(post_f[name].rho, post_c[name].rho, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(state.hessian[name], opt.state[post_c[name].mu]["hessian"],
+                              rtol=1e-4, atol=1e-6)
+
+
+def _run_functional(post, state, fn, loss, steps, offset):
+    for step in range(offset, offset + steps):
+        key = tb.random.key(step)
+        grads = torch.func.grad(loss)(tb.sample(post, key))
+        post, state = fn.update(grads, state, post, key)
+    return post, state
+
+
+def test_functional_checkpoint_restart_is_bit_identical():
+    net, x, y = _classifier()
+    fn = tb.optim.von(0.05, num_data=100)
+
+    def loss(weights):
+        return F.cross_entropy(torch.func.functional_call(net, weights, (x,)), y)
+
+    post = tb.from_module(net, sigma=0.05)
+    post, state = _run_functional(post, fn.init(post), fn, loss, 4, 0)
+    buffer = io.BytesIO()
+    torch.save({"posterior": post, "state": state}, buffer)
+    straight = _run_functional(post, state, fn, loss, 4, 4)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    resumed = _run_functional(saved["posterior"], saved["state"], fn, loss, 4, 4)
+    for a, b in zip(torch.utils._pytree.tree_leaves(straight),
+                    torch.utils._pytree.tree_leaves(resumed), strict=True):
+        assert torch.equal(a, b)
+    assert int(resumed[1].step) == 8
+
+
+def test_optimizer_checkpoint_restart_is_bit_identical():
+    net, x, y = _classifier()
+
+    def run(post, opt, start):
+        for step in range(start, start + 4):
+            F.cross_entropy(tb.functional_call(net, post, tb.random.key(step), x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    post = tb.from_module(net, sigma=0.05)
+    opt = tb.optim.VON(post, lr=0.05, num_data=100)
+    run(post, opt, 0)
+    buffer = io.BytesIO()
+    torch.save({"posterior": tb.state_dict(post), "optimizer": opt.state_dict()}, buffer)
+    run(post, opt, 4)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    again = tb.from_state_dict(saved["posterior"])
+    opt2 = tb.optim.VON(again, lr=0.05, num_data=100)
+    opt2.load_state_dict(saved["optimizer"])
+    run(again, opt2, 4)
+    for name in post:
+        assert torch.equal(post[name].mu, again[name].mu)
+        assert torch.equal(post[name].rho, again[name].rho)
+
+
+def test_weight_decay_pulls_towards_the_prior_mean_from_either_side():
+    net = mlp((2, 2))
+    post = tb.from_module(net)
+    centre = {n: p.mu + torch.where(p.mu > 0, -1.0, 1.0) for n, p in post.items()}
+    fn = tb.optim.von(0.5, num_data=10, weight_decay=1.0, prior_mean=centre)
+    zero = {n: torch.zeros_like(p.mu) for n, p in post.items()}  # no data: the prior alone
+    new, _ = fn.update(zero, fn.init(post), post, tb.random.key(0))
+    for name in post:
+        before = (post[name].mu - centre[name]).abs()
+        after = (new[name].mu - centre[name]).abs()
+        assert torch.all(after < before)
+    plain, _ = tb.optim.von(0.5, num_data=10, weight_decay=1.0).update(
+        zero, fn.init(post), post, tb.random.key(0))
+    assert not torch.equal(plain["0.weight"].mu, new["0.weight"].mu)  # prior_mean is used
+
+
+def test_sigma_follows_the_curvature_and_clip_bounds_the_step():
+    net, x, y = _classifier()
+    post = tb.from_module(net)
+    fn = tb.optim.von(1.0, num_data=50, hess_init=0.5, weight_decay=0.1, clip=1e-3)
+    huge = {n: torch.full_like(p.mu, 1e3) for n, p in post.items()}
+    new, state = fn.update(huge, fn.init(post), post, tb.random.key(0))
+    for name in post:
+        assert (new[name].mu - post[name].mu).abs().max() <= 1e-3 + 1e-7
+        expected = (50 * (state.hessian[name] + 0.1)).rsqrt()
+        assert torch.allclose(new[name].sigma, expected, rtol=1e-5)
+
+
+def test_a_learning_rate_schedule_is_called_with_the_step_from_one():
+    net = mlp((2, 2))
+    post = tb.from_module(net)
+    seen = []
+    fn = tb.optim.von(lambda step: seen.append(step) or 0.1, num_data=10)
+    state = fn.init(post)
+    zero = {n: torch.zeros_like(p.mu) for n, p in post.items()}
+    for i in range(3):
+        post, state = fn.update(zero, state, post, tb.random.key(i))
+    assert seen[:: len(post)] == [1, 2, 3]
+
+
+def test_the_result_is_an_ordinary_posterior():
+    net, x, y = _classifier()
+    post = tb.from_module(net)
+    opt = tb.optim.VON(post, lr=0.1, num_data=16)
+    F.cross_entropy(tb.functional_call(net, post, tb.random.key(0), x), y).backward()
+    opt.step()
+    buffer = io.BytesIO()
+    tb.save(post, buffer)
+    buffer.seek(0)
+    loaded = tb.load(buffer)
+    with torch.no_grad():
+        a = tb.predict(net, post, tb.random.key(1), x, num_samples=3)
+        b = tb.predict(net, loaded, tb.random.key(1), x, num_samples=3)
+    assert torch.equal(a, b)
+
+
+def test_bad_input_names_the_argument():
+    net = mlp((2, 2))
+    post = tb.from_module(net)
+    with pytest.raises(ValueError, match=r"lr must be a positive float or a callable"):
+        tb.optim.von(-1.0, num_data=10)
+    with pytest.raises(ValueError, match=r"beta2 must be a float in \[0, 1\), got float 1.0"):
+        tb.optim.von(0.1, num_data=10, beta2=1.0)
+    with pytest.raises(ValueError, match=r"weight_decay must be a positive float .* got float 0.0"):
+        tb.optim.von(0.1, num_data=10, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"num_data must be a positive int \(>= 1\), got int 0"):
+        tb.optim.VON(post, num_data=0)
+    with pytest.raises(TypeError, match=r"lr must be a float \(use a torch.optim.lr_scheduler"):
+        tb.optim.VON(post, lr=lambda s: 0.1, num_data=10)
+    with pytest.raises(ValueError, match=r"prior_mean\['0.weight'\] must be a tensor of shape \(2, 2\)"):
+        tb.optim.von(0.1, num_data=10, prior_mean={"0.weight": torch.zeros(3)}).init(post)
+    fn = tb.optim.von(0.1, num_data=10)
+    state = fn.init(post)
+    with pytest.raises(ValueError, match=r"grads\['0.bias'\] must be a tensor of shape \(2,\)"):
+        fn.update({"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(3)}, state, post,
+                  tb.random.key(0))
+    with pytest.raises(TypeError, match=r"state must be the VONState that init"):
+        fn.update({n: torch.zeros_like(p.mu) for n, p in post.items()}, (), post,
+                  tb.random.key(0))
+    opt = tb.optim.VON(post, num_data=10)
+    with pytest.raises(RuntimeError, match=r"posterior\['0.weight'\] has no gradient in mu and rho"):
+        opt.step()
