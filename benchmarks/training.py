@@ -27,6 +27,9 @@ def contenders(
         "deterministic step": deterministic(model, x, y),
         "tbfunc nelbo + Adam": tbfunc_step(model, x, y, num_samples),
     }
+    if num_samples == 1:  # natural-gradient VI draws one sample per step
+        runs["tbfunc VON step"] = von_step(model, x, y)
+        runs.update(ivon_step(model, x, y))
     runs.update(torchbayesian_step(model, x, y, num_samples))
     runs.update(posteriors_step(model, x, y, num_samples))
     return runs
@@ -59,6 +62,47 @@ def tbfunc_step(
         )
 
     return _adam_step(tb.parameters(posterior), loss)
+
+
+def von_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """``tb.optim.VON``: one draw through ``tb.functional_call``, backward, one VON update."""
+    posterior = tb.from_module(model, rho=RHO)
+    opt = tb.optim.VON(posterior, lr=0.1, num_data=NUM_DATA)
+    counter = iter(range(10**9))
+    key = tb.random.key(0)
+
+    def step() -> object:
+        out = tb.functional_call(model, posterior, tb.random.fold_in(key, next(counter)), x)
+        value = F.cross_entropy(out, y)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+        return value
+
+    return step
+
+
+def ivon_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, Callable[[], object]]:
+    """ivon-opt (GPL-3.0, a peer only): its documented loop with one sample per step."""
+    name = "IVON step (ivon-opt)"
+    try:
+        import ivon
+    except ImportError as error:
+        return {name: _raiser(error)}
+    net = copy.deepcopy(model)
+    opt = ivon.IVON(net.parameters(), lr=0.1, ess=NUM_DATA)
+
+    def step() -> object:
+        with opt.sampled_params(train=True):  # draws from the global RNG
+            opt.zero_grad()
+            value = F.cross_entropy(net(x), y)
+            value.backward()
+        opt.step()
+        return value
+
+    return {name: step}
 
 
 def torchbayesian_step(

@@ -61,6 +61,7 @@ def override(recipe: Recipe, settings: list[str], error: Callable[[str], Any]) -
             error(
                 f"--set: expected FIELD=VALUE with FIELD in {list(Recipe._fields)}, got {setting!r}"
             )
+            continue
         changes[field] = type(getattr(recipe, field))(value)
     return recipe._replace(**changes)
 

@@ -197,7 +197,7 @@ def run_split(
         trained = recipes.train_ivon(mlp(inputs, hidden, split), x, y, fresh_lik(), batches, recipe)
         if trained is not None:
             record("IVON", trained[0], trained[1])
-    return results
+    return {row: results[row] for row in ROWS if row in results}  # the table's order
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

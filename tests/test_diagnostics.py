@@ -15,7 +15,10 @@ def test_flags_a_node_collapsed_onto_the_prior_and_one_with_low_signal():
     prior = tb.GaussianPrior(0.0, 0.5)
     collapsed = dict(post)
     collapsed["0.weight"] = post["0.weight"]._replace(
-        rho=torch.full_like(post["0.weight"].rho, 0.5 + torch.log(-torch.expm1(torch.tensor(-0.5))).item()))
+        rho=torch.full_like(
+            post["0.weight"].rho, 0.5 + torch.log(-torch.expm1(torch.tensor(-0.5))).item()
+        )
+    )
     report = tb.diagnostics(collapsed, prior)
     assert report["0.weight"].at_prior == pytest.approx(1.0)
     assert "collapsed to prior" in report["0.weight"].flags
@@ -28,7 +31,8 @@ def test_flags_a_node_collapsed_onto_the_prior_and_one_with_low_signal():
     expected = float(tb.kl_divergence({"2.weight": post["2.weight"]}, prior))
     assert report["2.weight"].kl == pytest.approx(expected, rel=1e-5)
     assert report["2.weight"].snr_median == pytest.approx(
-        float((post["2.weight"].mu.abs() / post["2.weight"].sigma).median()), rel=1e-5)
+        float((post["2.weight"].mu.abs() / post["2.weight"].sigma).median()), rel=1e-5
+    )
 
 
 def test_flags_exploded_means_and_uses_a_dict_of_priors():
@@ -44,7 +48,7 @@ def test_flags_exploded_means_and_uses_a_dict_of_priors():
 
 def test_check_predictions_finds_confidently_wrong_examples_worst_first():
     logits = torch.zeros(2, 6, 3)
-    logits[:, 1] = torch.tensor([0.0, 40.0, 0.0])   # target 0: NLL ~ 40
+    logits[:, 1] = torch.tensor([0.0, 40.0, 0.0])  # target 0: NLL ~ 40
     logits[:, 4] = torch.tensor([0.0, 0.0, 200.0])  # target 0: NLL ~ 200, huge logit
     target = torch.zeros(6, dtype=torch.long)
     with pytest.warns(UserWarning) as caught:

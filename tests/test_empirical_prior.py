@@ -73,8 +73,10 @@ def test_per_layer_pools_the_weight_and_bias_of_one_module():
 
 def test_floor_guards_against_collapse_and_no_gradient_flows():
     net = _net()
-    post = {n: p._replace(mu=torch.zeros_like(p.mu), rho=torch.full_like(p.rho, -30.0))
-            for n, p in tb.from_module(net).items()}
+    post = {
+        n: p._replace(mu=torch.zeros_like(p.mu), rho=torch.full_like(p.rho, -30.0))
+        for n, p in tb.from_module(net).items()
+    }
     floored = tb.empirical_prior(post, min_sigma=0.02)
     assert all(float(p.sigma) == pytest.approx(0.02) for p in floored.values())
     live = {n: p._replace(mu=p.mu.requires_grad_()) for n, p in _posterior(net).items()}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
+import torch
+
+import tbfunc as tb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,3 +42,164 @@ def test_digits_evaluation_runs_and_writes_its_table_and_diagram(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.startswith("| model | accuracy | NLL | ECE | Brier | AURC |")
     assert (tmp_path / "reliability.png").stat().st_size > 1000
+
+
+CLASSIFICATION_ROWS = [
+    "MAP",
+    "MAP + temperature",
+    "deep ensemble",
+    "MC dropout",
+    "recommended",
+    "pretrained, learned prior",
+    "natural gradient",
+]
+
+
+def test_classification_benchmark_writes_its_table_and_json(tmp_path):
+    pytest.importorskip("sklearn")
+    bench = load("classification_eval")
+    args = [
+        "--datasets",
+        "digits,wine",
+        "--seeds",
+        "2",
+        "--steps-scale",
+        "0.01",
+        "--samples",
+        "3",
+        "--rows",
+        ";".join(CLASSIFICATION_ROWS),
+        "--out",
+        str(tmp_path),
+    ]
+    with torch.random.fork_rng():  # nothing here should touch it; the guard checks that
+        results = bench.main(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert list(saved) == ["digits", "wine"]
+    assert list(saved["digits"]) == CLASSIFICATION_ROWS
+    for row in saved["digits"].values():  # one value per seed for every metric
+        assert {k: len(v) for k, v in row.items()} == {
+            m: 2
+            for m in [
+                "accuracy",
+                "nll",
+                "ece",
+                "brier",
+                "auroc_rotated",
+                "auroc_noise",
+                "nll_outliers",
+            ]
+        }
+        assert all(0 <= a <= 1 for a in row["accuracy"]) and all(v > 0 for v in row["nll"])
+    assert "auroc_rotated" not in saved["wine"]["MAP"]  # OOD sets are digits-only
+    # temperature scaling only rescales: the same argmax, so the same accuracy
+    assert saved["wine"]["MAP + temperature"]["accuracy"] == saved["wine"]["MAP"]["accuracy"]
+    assert saved["digits"]["MAP"]["nll"] != saved["digits"]["MAP + temperature"]["nll"]
+    # seeds differ: another split and initialisation
+    assert saved["digits"]["MAP"]["nll"][0] != saved["digits"]["MAP"]["nll"][1]
+    text = (tmp_path / "results.md").read_text()
+    assert "### digits" in text and "| MAP + temperature | " in text and " +- " in text
+
+
+def test_recipe_overrides_are_typed_and_checked():
+    recipes = load("recipes")
+    errors = []
+    base = recipes.Recipe()
+    changed = recipes.override(base, ["von_lr=0.5", "map_steps=7"], errors.append)
+    assert changed.von_lr == 0.5 and changed.map_steps == 7 and isinstance(changed.map_steps, int)
+    recipes.override(base, ["nope=1"], errors.append)
+    assert errors and "FIELD in" in errors[0]
+    assert recipes.scaled(base, 0.5).von_steps == base.von_steps // 2
+    assert recipes.scaled(base, 0.5).von_lr == base.von_lr
+
+
+def _uci_folder(root, name="toy", rows=80, splits=2):
+    folder = root / name
+    folder.mkdir()
+    x = tb.random.normal(tb.random.key(3), (rows, 3)).double()
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.1
+    table = torch.cat([x, y[:, None]], 1)
+    (folder / "data.txt").write_text(
+        "\n".join(" ".join(f"{v:.6f}" for v in r) for r in table.tolist())
+    )
+    (folder / "index_features.txt").write_text("0\n1\n2\n")
+    (folder / "index_target.txt").write_text("3\n")
+    (folder / "n_hidden.txt").write_text("8\n")
+    for k in range(splits):
+        order = tb.random.normal(tb.random.key(10 + k), (rows,)).argsort().tolist()
+        (folder / f"index_train_{k}.txt").write_text("\n".join(map(str, order[:60])))
+        (folder / f"index_test_{k}.txt").write_text("\n".join(map(str, order[60:])))
+    return folder
+
+
+def test_uci_benchmark_reads_the_standard_layout_and_reports_per_split(tmp_path):
+    uci = load("uci_eval")
+    _uci_folder(tmp_path)
+    rows = [
+        "MAP",
+        "MAP + temperature",
+        "deep ensemble",
+        "MC dropout",
+        "recommended",
+        "pretrained, learned prior",
+        "natural gradient",
+    ]
+    with torch.random.fork_rng():
+        results = uci.main(
+            [
+                "--data",
+                str(tmp_path),
+                "--datasets",
+                "toy",
+                "--splits",
+                "2",
+                "--steps-scale",
+                "0.02",
+                "--samples",
+                "3",
+                "--rows",
+                ";".join(rows),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(saved["toy"]) == rows
+    for row in saved["toy"].values():
+        assert {k: len(v) for k, v in row.items()} == {"test_ll": 2, "rmse": 2}
+        assert all(v > 0 for v in row["rmse"])
+    # the refitted noise can only raise the validation likelihood, and the RMSE is untouched
+    assert saved["toy"]["MAP + temperature"]["rmse"] == saved["toy"]["MAP"]["rmse"]
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "| toy | recommended | " in text and "standard error over 2 splits" in text
+    assert results["toy"]["MAP"]["rmse"] == saved["toy"]["MAP"]["rmse"]
+
+
+def test_uci_split_is_standardised_on_the_training_rows(tmp_path):
+    uci = load("uci_eval")
+    folder = _uci_folder(tmp_path)
+    split = uci.load_split(folder, 0, tb.random.key(0))
+    x_fit, _ = split["train"]
+    x_val, _ = split["val"]
+    both = torch.cat([x_fit, x_val])
+    assert torch.allclose(both.mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(both.std(0), torch.ones(3), atol=1e-5)
+    assert len(x_val) == 6 and len(x_fit) == 54 and len(split["test"][0]) == 20
+    assert split["hidden"] == 8
+    # the original units come back: y = standardised * sd + mean
+    raw = torch.tensor(
+        [
+            [float(v) for v in line.split()]
+            for line in (folder / "data.txt").read_text().splitlines()
+        ]
+    )
+    train = [int(i) for i in (folder / "index_train_0.txt").read_text().split()]
+    assert split["y_mean"] == pytest.approx(float(raw[train, 3].mean()), rel=1e-5)
+
+
+def test_uci_benchmark_names_a_missing_data_set(tmp_path, capsys):
+    uci = load("uci_eval")
+    with pytest.raises(SystemExit):
+        uci.main(["--data", str(tmp_path), "--datasets", "boston", "--out", str(tmp_path)])
+    assert "bostonHousing/data.txt" in capsys.readouterr().err

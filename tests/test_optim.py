@@ -39,8 +39,9 @@ def test_fixed_point_is_the_exact_mean_field_optimum_of_bayesian_linear_regressi
     # bias correction applied to h, a prior term of the wrong sign, eps from the wrong key
     x, y, net, mean, sd = _regression()
     post = tb.from_module(net)
-    opt = tb.optim.von(lambda t: 0.5 / (1 + t / 300), num_data=N, beta2=0.999, hess_init=1.0,
-                       weight_decay=DELTA)
+    opt = tb.optim.von(
+        lambda t: 0.5 / (1 + t / 300), num_data=N, beta2=0.999, hess_init=1.0, weight_decay=DELTA
+    )
     state = opt.init(post)
     loss = _loss(net, x, y)
     root = tb.random.key(0)
@@ -107,8 +108,9 @@ def test_the_optimizer_class_equals_the_functional_update():
     for name in post_f:
         assert torch.allclose(post_f[name].mu, post_c[name].mu, rtol=1e-5, atol=1e-6)
         assert torch.allclose(post_f[name].rho, post_c[name].rho, rtol=1e-5, atol=1e-6)
-        assert torch.allclose(state.hessian[name], opt.state[post_c[name].mu]["hessian"],
-                              rtol=1e-4, atol=1e-6)
+        assert torch.allclose(
+            state.hessian[name], opt.state[post_c[name].mu]["hessian"], rtol=1e-4, atol=1e-6
+        )
 
 
 def _run_functional(post, state, fn, loss, steps, offset):
@@ -134,8 +136,11 @@ def test_functional_checkpoint_restart_is_bit_identical():
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=False)
     resumed = _run_functional(saved["posterior"], saved["state"], fn, loss, 4, 4)
-    for a, b in zip(torch.utils._pytree.tree_leaves(straight),
-                    torch.utils._pytree.tree_leaves(resumed), strict=True):
+    for a, b in zip(
+        torch.utils._pytree.tree_leaves(straight),
+        torch.utils._pytree.tree_leaves(resumed),
+        strict=True,
+    ):
         assert torch.equal(a, b)
     assert int(resumed[1].step) == 8
 
@@ -178,12 +183,13 @@ def test_weight_decay_pulls_towards_the_prior_mean_from_either_side():
         after = (new[name].mu - centre[name]).abs()
         assert torch.all(after < before)
     plain, _ = tb.optim.von(0.5, num_data=10, weight_decay=1.0).update(
-        zero, fn.init(post), post, tb.random.key(0))
+        zero, fn.init(post), post, tb.random.key(0)
+    )
     assert not torch.equal(plain["0.weight"].mu, new["0.weight"].mu)  # prior_mean is used
 
 
 def test_sigma_follows_the_curvature_and_clip_bounds_the_step():
-    net, x, y = _classifier()
+    net, _, _ = _classifier()
     post = tb.from_module(net)
     fn = tb.optim.von(1.0, num_data=50, hess_init=0.5, weight_decay=0.1, clip=1e-3)
     huge = {n: torch.full_like(p.mu, 1e3) for n, p in post.items()}
@@ -235,16 +241,20 @@ def test_bad_input_names_the_argument():
         tb.optim.VON(post, num_data=0)
     with pytest.raises(TypeError, match=r"lr must be a float \(use a torch.optim.lr_scheduler"):
         tb.optim.VON(post, lr=lambda s: 0.1, num_data=10)
-    with pytest.raises(ValueError, match=r"prior_mean\['0.weight'\] must be a tensor of shape \(2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"prior_mean\['0.weight'\] must be a tensor of shape \(2, 2\)"
+    ):
         tb.optim.von(0.1, num_data=10, prior_mean={"0.weight": torch.zeros(3)}).init(post)
     fn = tb.optim.von(0.1, num_data=10)
     state = fn.init(post)
     with pytest.raises(ValueError, match=r"grads\['0.bias'\] must be a tensor of shape \(2,\)"):
-        fn.update({"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(3)}, state, post,
-                  tb.random.key(0))
+        fn.update(
+            {"0.weight": torch.zeros(2, 2), "0.bias": torch.zeros(3)}, state, post, tb.random.key(0)
+        )
     with pytest.raises(TypeError, match=r"state must be the VONState that init"):
-        fn.update({n: torch.zeros_like(p.mu) for n, p in post.items()}, (), post,
-                  tb.random.key(0))
+        fn.update({n: torch.zeros_like(p.mu) for n, p in post.items()}, (), post, tb.random.key(0))
     opt = tb.optim.VON(post, num_data=10)
-    with pytest.raises(RuntimeError, match=r"posterior\['0.weight'\] has no gradient in mu and rho"):
+    with pytest.raises(
+        RuntimeError, match=r"posterior\['0.weight'\] has no gradient in mu and rho"
+    ):
         opt.step()

@@ -45,8 +45,16 @@ def test_learned_noise_trains_through_nelbo_towards_the_residual_scale():
         lik = tb.GaussianLikelihood.from_noise(start)
         opt = torch.optim.Adam([lik.rho.requires_grad_()], lr=0.05)
         for step in range(300):
-            loss = tb.nelbo(net, post, tb.random.key(step), x, y, log_likelihood=lik,
-                            num_data=256, kl_weight=0.0)
+            loss = tb.nelbo(
+                net,
+                post,
+                tb.random.key(step),
+                x,
+                y,
+                log_likelihood=lik,
+                num_data=256,
+                kl_weight=0.0,
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -58,16 +66,17 @@ def test_gaussian_nll_is_the_mixture_log_likelihood():
     for noise in (0.5, torch.linspace(0.2, 1.0, 10)):
         per_sample = Normal(samples, torch.as_tensor(noise)).log_prob(y)
         expected = -(torch.logsumexp(per_sample, 0) - math.log(7))
-        assert torch.allclose(m.gaussian_nll(samples, y, noise, reduction="none"), expected,
-                              atol=1e-5)
+        assert torch.allclose(
+            m.gaussian_nll(samples, y, noise, reduction="none"), expected, atol=1e-5
+        )
         assert torch.allclose(m.gaussian_nll(samples, y, noise), expected.mean(), atol=1e-5)
-        assert torch.allclose(m.gaussian_nll(samples, y, noise, reduction="sum"), expected.sum(),
-                              atol=1e-4)
+        assert torch.allclose(
+            m.gaussian_nll(samples, y, noise, reduction="sum"), expected.sum(), atol=1e-4
+        )
     # a per-sample, per-example noise (a heteroscedastic head's output) is used as given
     noise = 0.1 + data(7, 10, seed=9).abs()
     expected = -(torch.logsumexp(Normal(samples, noise).log_prob(y), 0) - math.log(7))
-    assert torch.allclose(m.gaussian_nll(samples, y, noise, reduction="none"), expected,
-                          atol=1e-5)
+    assert torch.allclose(m.gaussian_nll(samples, y, noise, reduction="none"), expected, atol=1e-5)
 
 
 def test_gaussian_nll_stays_finite_far_out_in_float32():
@@ -75,14 +84,16 @@ def test_gaussian_nll_stays_finite_far_out_in_float32():
     y = torch.tensor([0.0, 50.0, 500.0])
     out = m.gaussian_nll(samples, y, 0.01, reduction="none")
     assert torch.isfinite(out).all()
-    assert float(out[2]) == pytest.approx(0.5 * (500 / 0.01) ** 2 + math.log(0.01)
-                                          + 0.5 * math.log(2 * math.pi), rel=1e-5)
+    assert float(out[2]) == pytest.approx(
+        0.5 * (500 / 0.01) ** 2 + math.log(0.01) + 0.5 * math.log(2 * math.pi), rel=1e-5
+    )
 
 
 def test_rmse_is_the_error_of_the_predictive_mean():
     samples, y = data(5, 20, seed=10), data(20, seed=11)
     assert float(m.rmse(samples, y)) == pytest.approx(
-        float(((samples.mean(0) - y) ** 2).mean().sqrt()), rel=1e-6)
+        float(((samples.mean(0) - y) ** 2).mean().sqrt()), rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("noise", [None, 1.0])
@@ -99,8 +110,9 @@ def test_interval_coverage_is_nominal_when_calibrated_and_not_when_wrong(noise):
     cover = float(m.interval_coverage(samples, truth, 0.9, noise=noise))
     assert cover == pytest.approx(0.9, abs=0.02)
     scale_samples = (lambda s: centre + (s - centre) / 3) if noise is None else (lambda s: s)
-    narrow = m.interval_coverage(scale_samples(samples), truth, 0.9,
-                                 noise=None if noise is None else noise / 3)
+    narrow = m.interval_coverage(
+        scale_samples(samples), truth, 0.9, noise=None if noise is None else noise / 3
+    )
     wide_samples = (centre + (samples - centre) * 3) if noise is None else samples
     wide = m.interval_coverage(wide_samples, truth, 0.9, noise=None if noise is None else noise * 3)
     assert float(narrow) < 0.5 and float(wide) > 0.99
@@ -130,17 +142,23 @@ def test_fit_temperature_recovers_a_planted_temperature_from_either_side():
 
 def test_bad_input_names_the_argument():
     samples, y = data(3, 4), data(4)
-    with pytest.raises(ValueError, match=r"target must be a tensor of shape \(\) .*lack the leading"):
+    with pytest.raises(
+        ValueError, match=r"target must be a tensor of shape \(\) .*lack the leading"
+    ):
         m.gaussian_nll(samples[0], samples[0], 1.0)
     with pytest.raises(ValueError, match=r"noise must be positive and finite"):
         m.gaussian_nll(samples, y, -1.0)
-    with pytest.raises(ValueError, match=r"noise must be a float or a tensor broadcastable to \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"noise must be a float or a tensor broadcastable to \(4,\)"
+    ):
         m.gaussian_nll(samples, y, torch.ones(5))
     with pytest.raises(TypeError, match=r"target must be a floating-point tensor"):
         m.rmse(samples, torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"level must be a float in \(0, 1\), got float 1.5"):
         m.interval_coverage(samples, y, 1.5, noise=1.0)
-    with pytest.raises(ValueError, match=r"bounds must be a pair \(low, high\) with 0 < low < high"):
+    with pytest.raises(
+        ValueError, match=r"bounds must be a pair \(low, high\) with 0 < low < high"
+    ):
         m.fit_temperature(data(1, 4, 3), torch.zeros(4, dtype=torch.long), bounds=(2.0, 1.0))
     with pytest.raises(ValueError, match=r"noise must be a positive float, got float 0.0"):
         tb.GaussianLikelihood.from_noise(0.0)
