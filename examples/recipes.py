@@ -48,6 +48,7 @@ class Recipe(NamedTuple):
     von_hess_init: float = 0.3
     von_weight_decay: float = 1e-4
     von_beta2: float = 0.99999
+    von_prior_scale: str = "fixed"  # or "layer"/"node": the prior precision learned
     von_clip: float = 1.0  # bounds the first steps, while h is still a guess (0: none)
     dropout: float = 0.2
 
@@ -202,6 +203,7 @@ def train_von(
         beta2=recipe.von_beta2,
         clip=recipe.von_clip or None,
         prior_mean=prior_mean,
+        prior_scale=recipe.von_prior_scale,  # type: ignore[arg-type]
     )
     noise_params = lik_params(lik)
     noise_opt = torch.optim.Adam(noise_params, lr=recipe.map_lr) if noise_params else None

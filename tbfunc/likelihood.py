@@ -52,7 +52,7 @@ class GaussianLikelihood(NamedTuple):
         """The observation noise standard deviation, ``softplus(rho)``."""
         return F.softplus(self.rho)
 
-    def __call__(self, output: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-point ``log N(target; output, noise^2)``, summed over trailing dimensions."""
         output, target = _pair(output, target)
         return _log_normal(output, target, self.noise.to(output.dtype))
@@ -74,7 +74,7 @@ class HeteroscedasticGaussianLikelihood(NamedTuple):
         mean, raw = output.chunk(2, dim=-1)
         return mean, F.softplus(raw) + self.min_noise
 
-    def __call__(self, output: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+    def __call__(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-point ``log N(target; mean, noise^2)``, summed over trailing dimensions."""
         mean, noise = self.split(output)
         mean, target = _pair(mean, target)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
@@ -37,10 +37,12 @@ from torch import Tensor
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._sampling import sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
+from tbfunc.prior import GaussianPrior, empirical_prior
 
 __all__ = ["VON", "VONState", "von"]
 
 LearningRate = float | Callable[[int], float]
+PriorScale = Literal["fixed", "node", "layer"]
 
 
 class VONState(NamedTuple):
@@ -80,6 +82,7 @@ def von(
     weight_decay: float = 1e-4,
     clip: float | None = None,
     prior_mean: dict[str, Tensor] | None = None,
+    prior_scale: PriorScale = "fixed",
 ) -> VONTransform:
     """Variational online Newton, functionally (the module docstring has the equations).
 
@@ -93,6 +96,11 @@ def von(
         clip: if given, each element of the preconditioned step is clipped to ``[-clip, clip]``
             (guards the first steps, when ``h`` is still a guess).
         prior_mean: the prior's centre per name (e.g. the pretrained weights); default 0.
+        prior_scale: ``"fixed"``: the prior precision is ``weight_decay``; ``"node"`` or
+            ``"layer"``: learned by empirical Bayes before every step, ``delta = 1 / (N s^2)``
+            with ``s`` from ``tb.empirical_prior(posterior, per=...)`` around ``prior_mean``
+            (``weight_decay`` is then unused). Weights the data do not pin then get the
+            layer's own spread as ``sigma`` instead of an arbitrary ``1 / sqrt(N delta)``.
 
     Returns:
         ``VONTransform(init, update)``. ``update(grads, state, posterior, key)`` takes the
@@ -112,6 +120,7 @@ def von(
         >>> post, state = opt.update(grads, state, post, key)
     """
     config = _config(lr, num_data, beta1, beta2, hess_init, weight_decay, clip)
+    _check_prior_scale(prior_scale)
 
     def init(posterior: dict[str, Any]) -> VONState:
         nodes = _gaussian_nodes(posterior)
@@ -135,6 +144,7 @@ def von(
         new = dict(posterior)
         momentum, hessian = {}, {}
         with torch.no_grad():
+            deltas = _precisions(nodes, prior_mean, prior_scale, config)
             for name, node in nodes.items():
                 centre = None if prior_mean is None else prior_mean[name]
                 mu, sigma, gbar, h = _step(
@@ -147,6 +157,7 @@ def von(
                     state.momentum[name],
                     state.hessian[name],
                     centre,
+                    deltas[name],
                 )
                 new[name] = node._replace(mu=mu, rho=_inverse_softplus(sigma))
                 momentum[name], hessian[name] = gbar, h
@@ -185,6 +196,7 @@ class VON(torch.optim.Optimizer):
         weight_decay: float = 1e-4,
         clip: float | None = None,
         prior_mean: dict[str, Tensor] | None = None,
+        prior_scale: PriorScale = "fixed",
     ) -> None:
         if callable(lr):
             fail(
@@ -193,7 +205,10 @@ class VON(torch.optim.Optimizer):
         nodes = _gaussian_nodes(posterior)
         _check_prior_mean(prior_mean, nodes)
         config = _config(lr, num_data, beta1, beta2, hess_init, weight_decay, clip)
+        _check_prior_scale(prior_scale)
         self._names = list(nodes)
+        self._families = [type(node) for node in nodes.values()]
+        self._prior_scale = prior_scale
         self._prior_mean = prior_mean
         params: list[Tensor] = []
         for node in nodes.values():
@@ -213,6 +228,11 @@ class VON(torch.optim.Optimizer):
         for group in self.param_groups:
             config = _Config(**{field: group[field] for field in _Config._fields})
             params = group["params"]
+            view = {
+                name: family(params[2 * i], params[2 * i + 1])
+                for i, (name, family) in enumerate(zip(self._names, self._families, strict=True))
+            }
+            deltas = _precisions(view, self._prior_mean, self._prior_scale, config)
             for index in range(0, len(params), 2):
                 mu, rho = params[index], params[index + 1]
                 name = self._names[index // 2]
@@ -242,6 +262,7 @@ class VON(torch.optim.Optimizer):
                     state["momentum"],
                     state["hessian"],
                     centre,
+                    deltas[name],
                 )
                 mu.copy_(new_mu)
                 rho.copy_(_inverse_softplus(new_sigma))
@@ -259,9 +280,10 @@ def _step(
     gbar: Tensor,
     h: Tensor,
     centre: Tensor | None,
+    delta: float | Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One VON step for one node: ``(mu, sigma, gbar, h)`` after it (equations 1-5 above)."""
-    b1, b2, delta = config.beta1, config.beta2, config.weight_decay
+    b1, b2 = config.beta1, config.beta2
     h_hat = g_eps / sigma
     gbar = b1 * gbar + (1 - b1) * g
     h = b2 * h + (1 - b2) * h_hat + (1 - b2) ** 2 * (h - h_hat) ** 2 / (2 * (h + delta))
@@ -273,6 +295,26 @@ def _step(
     mu = mu - lr * direction
     sigma = torch.rsqrt(config.num_data * (h + delta))
     return mu, sigma, gbar, h
+
+
+def _precisions(
+    nodes: dict[str, Any], prior_mean: Any, prior_scale: str, config: _Config
+) -> dict[str, float | Tensor]:
+    """``delta`` per node: ``weight_decay``, or ``1 / (N s^2)`` with the empirical-Bayes ``s``."""
+    if prior_scale == "fixed":
+        return dict.fromkeys(nodes, config.weight_decay)
+    centres: Any = (
+        GaussianPrior()
+        if prior_mean is None
+        else {name: GaussianPrior(prior_mean[name]) for name in nodes}
+    )
+    priors = empirical_prior(nodes, centres, per=prior_scale)  # type: ignore[arg-type]
+    return {name: 1.0 / (config.num_data * priors[name].sigma ** 2) for name in nodes}
+
+
+def _check_prior_scale(prior_scale: Any) -> None:
+    if prior_scale not in ("fixed", "node", "layer"):
+        fail("prior_scale", "one of 'fixed', 'node', 'layer'", prior_scale)
 
 
 def _inverse_softplus(sigma: Tensor) -> Tensor:

@@ -85,12 +85,15 @@ def _classifier():
     return net, x, y
 
 
-def test_the_optimizer_class_equals_the_functional_update():
+@pytest.mark.parametrize("prior_scale", ["fixed", "layer"])
+def test_the_optimizer_class_equals_the_functional_update(prior_scale):
     # the class reads g * eps from rho.grad; the functional update redraws eps from the key
     net, x, y = _classifier()
     post_f = tb.from_module(net, sigma=0.05)
     post_c = {n: p._replace(mu=p.mu.clone(), rho=p.rho.clone()) for n, p in post_f.items()}
-    kwargs = dict(num_data=100, hess_init=0.3, weight_decay=1e-3, beta2=0.99)
+    kwargs = dict(
+        num_data=100, hess_init=0.3, weight_decay=1e-3, beta2=0.99, prior_scale=prior_scale
+    )
     fn = tb.optim.von(0.05, **kwargs)
     state = fn.init(post_f)
     opt = tb.optim.VON(post_c, lr=0.05, **kwargs)
@@ -186,6 +189,29 @@ def test_weight_decay_pulls_towards_the_prior_mean_from_either_side():
         zero, fn.init(post), post, tb.random.key(0)
     )
     assert not torch.equal(plain["0.weight"].mu, new["0.weight"].mu)  # prior_mean is used
+
+
+@pytest.mark.parametrize("per", ["node", "layer"])
+def test_a_learned_prior_scale_is_the_empirical_bayes_precision(per):
+    # one step with prior_scale=per equals, node by node, a fixed-precision step at
+    # delta = 1 / (N s^2), s from tb.empirical_prior around prior_mean
+    net, x, y = _classifier()
+    post = tb.from_module(net, sigma=0.05)
+    centre = {n: p.mu + 0.1 for n, p in post.items()}
+    grads = torch.func.grad(
+        lambda w: torch.nn.functional.cross_entropy(torch.func.functional_call(net, w, (x,)), y)
+    )(tb.sample(post, tb.random.key(0)))
+    learned = tb.optim.von(0.1, num_data=40, prior_mean=centre, prior_scale=per)
+    new, _ = learned.update(grads, learned.init(post), post, tb.random.key(0))
+    scales = tb.empirical_prior(post, {n: tb.GaussianPrior(c) for n, c in centre.items()}, per=per)
+    for name in post:
+        delta = float(1 / (40 * scales[name].sigma ** 2))
+        fixed = tb.optim.von(0.1, num_data=40, prior_mean=centre, weight_decay=delta)
+        expected, _ = fixed.update(grads, fixed.init(post), post, tb.random.key(0))
+        assert torch.allclose(new[name].mu, expected[name].mu, rtol=1e-5, atol=1e-7), name
+        assert torch.allclose(new[name].rho, expected[name].rho, rtol=1e-5, atol=1e-6), name
+    if per == "layer":  # weight and bias of one layer share the scale; layers differ
+        assert float(scales["0.weight"].sigma) == float(scales["0.bias"].sigma)
 
 
 def test_sigma_follows_the_curvature_and_clip_bounds_the_step():
