@@ -31,6 +31,18 @@ import tbfunc as tb
 
 LogLik = Callable[[Tensor, Tensor], Tensor]
 
+# the benchmark's rows, in its tables' order (both evaluations)
+ROWS = [
+    "MAP",
+    "MAP + temperature",
+    "deep ensemble",
+    "MC dropout",
+    "recommended",
+    "pretrained, learned prior",
+    "natural gradient",
+    "IVON",
+]
+
 
 class Recipe(NamedTuple):
     """The settings shared by every data set (chosen on validation splits only)."""
@@ -51,6 +63,7 @@ class Recipe(NamedTuple):
     von_prior_scale: str = "fixed"  # or "layer"/"node": the prior precision learned
     von_clip: float = 1.0  # bounds the first steps, while h is still a guess (0: none)
     dropout: float = 0.2
+    temperature: str = "fit"  # the recommended row: "none", "fit", or "soften" (T >= 1 only)
 
 
 def override(recipe: Recipe, settings: list[str], error: Callable[[str], Any]) -> Recipe:
@@ -73,6 +86,14 @@ def scaled(recipe: Recipe, factor: float) -> Recipe:
         f: max(1, int(getattr(recipe, f) * factor)) for f in Recipe._fields if f.endswith("_steps")
     }
     return recipe._replace(**steps)
+
+
+def temperature(recipe: Recipe, fit: Callable[..., float], model: Any) -> float:
+    """The recommended row's temperature: 1, fitted on validation rows, or fitted but at least 1
+    (softening only: a small, error-free validation split pushes a fitted T below 1)."""
+    if recipe.temperature == "none":
+        return 1.0
+    return fit(model, 1.0) if recipe.temperature == "soften" else fit(model)
 
 
 def classification_loglik(output: Tensor, target: Tensor) -> Tensor:

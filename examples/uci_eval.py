@@ -37,16 +37,7 @@ import recipes
 
 import tbfunc as tb
 
-ROWS = [
-    "MAP",
-    "MAP + temperature",
-    "deep ensemble",
-    "MC dropout",
-    "recommended",
-    "pretrained, learned prior",
-    "natural gradient",
-    "IVON",
-]
+ROWS = recipes.ROWS
 FOLDERS = {
     "boston": "bostonHousing",
     "concrete": "concrete",

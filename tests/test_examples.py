@@ -44,20 +44,10 @@ def test_digits_evaluation_runs_and_writes_its_table_and_diagram(tmp_path):
     assert (tmp_path / "reliability.png").stat().st_size > 1000
 
 
-CLASSIFICATION_ROWS = [
-    "MAP",
-    "MAP + temperature",
-    "deep ensemble",
-    "MC dropout",
-    "recommended",
-    "pretrained, learned prior",
-    "natural gradient",
-]
-
-
 def test_classification_benchmark_writes_its_table_and_json(tmp_path):
     pytest.importorskip("sklearn")
     bench = load("classification_eval")
+    rows = bench.ROWS[:-1]  # all but the optional peer (IVON)
     args = [
         "--datasets",
         "digits,wine",
@@ -68,7 +58,7 @@ def test_classification_benchmark_writes_its_table_and_json(tmp_path):
         "--samples",
         "3",
         "--rows",
-        ";".join(CLASSIFICATION_ROWS),
+        ";".join(rows),
         "--out",
         str(tmp_path),
     ]
@@ -77,7 +67,7 @@ def test_classification_benchmark_writes_its_table_and_json(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert list(saved) == ["digits", "wine"]
-    assert list(saved["digits"]) == CLASSIFICATION_ROWS
+    assert list(saved["digits"]) == rows
     for row in saved["digits"].values():  # one value per seed for every metric
         assert {k: len(v) for k, v in row.items()} == {
             m: 2
@@ -136,15 +126,7 @@ def _uci_folder(root, name="toy", rows=80, splits=2):
 def test_uci_benchmark_reads_the_standard_layout_and_reports_per_split(tmp_path):
     uci = load("uci_eval")
     _uci_folder(tmp_path)
-    rows = [
-        "MAP",
-        "MAP + temperature",
-        "deep ensemble",
-        "MC dropout",
-        "recommended",
-        "pretrained, learned prior",
-        "natural gradient",
-    ]
+    rows = uci.ROWS[:-1]
     with torch.random.fork_rng():
         results = uci.main(
             [
@@ -203,3 +185,52 @@ def test_uci_benchmark_names_a_missing_data_set(tmp_path, capsys):
     with pytest.raises(SystemExit):
         uci.main(["--data", str(tmp_path), "--datasets", "boston", "--out", str(tmp_path)])
     assert "bostonHousing/data.txt" in capsys.readouterr().err
+
+
+def test_summary_judges_every_bar_in_both_directions(tmp_path):
+    summarize = load("summarize")
+
+    def row(accuracy, nll, auroc=None):
+        values = {"accuracy": [accuracy] * 2, "nll": [nll, nll]}
+        if auroc is not None:
+            values.update(auroc_rotated=[auroc] * 2, auroc_noise=[auroc] * 2)
+        return values
+
+    good = {
+        "digits": {
+            "MAP": row(0.95, 0.20, 0.5),
+            "MC dropout": row(0.96, 0.10, 0.6),
+            "IVON": row(0.96, 0.12, 0.6),
+            "natural gradient": row(0.97, 0.11, 0.7),
+            "recommended": row(0.97, 0.105, 0.75),
+            "pretrained, learned prior": row(0.949, 0.19, 0.5),
+        },
+        "wine": {
+            "MAP": row(0.9, 0.3),
+            "MAP + temperature": row(0.9, 0.2),
+            "recommended": row(0.9, 0.209),
+            "pretrained, learned prior": row(0.9, 0.29),
+        },
+    }
+    verdicts = {bar: met for bar, met, _ in summarize.bars(good, None)}
+    assert all(verdicts.values()), verdicts
+    bad = json.loads(json.dumps(good))
+    bad["digits"]["recommended"] = row(0.94, 0.21, 0.69)  # each digits bar now fails
+    bad["wine"]["recommended"] = row(0.9, 0.211)  # just above 1.05 x 0.2
+    bad["wine"]["pretrained, learned prior"] = row(0.896, 0.3)  # equal NLL is not "<"
+    verdicts = {bar: met for bar, met, _ in summarize.bars(bad, None)}
+    assert not any(v for b, v in verdicts.items() if "recommended" in b), verdicts
+    assert not verdicts["wine: pretrained NLL < MAP's"]
+    assert not verdicts["wine: pretrained accuracy >= MAP's - 0.003"]
+    uci = {
+        "boston": {"recommended": {"test_ll": [-2.5, -2.45], "rmse": [3.0, 3.1]}},
+        "yacht": {"recommended": {"test_ll": [-1.7, -1.7], "rmse": [1.0, 1.0]}},
+    }
+    verdicts = {bar: met for bar, met, _ in summarize.bars(None, uci)}
+    assert verdicts["UCI boston: recommended test LL >= PBP's"]
+    assert not verdicts["UCI yacht: recommended test LL >= PBP's"]
+    assert not verdicts["UCI: recommended >= published MC dropout on at least 3 sets"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "results.json").write_text(json.dumps(good))
+    text = summarize.main(["--classification", str(tmp_path / "c")])
+    assert "**digits**" in text and "| recommended | 0.970 +- 0.000 |" in text and "| met |" in text
