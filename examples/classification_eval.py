@@ -12,8 +12,8 @@ row trained on the same minibatches; S = 64 draws per prediction; one metric imp
   (``tb.metrics.fit_temperature``).
 - ``deep ensemble``: 5 MAPs from different initialisations (the MAP is the first).
 - ``MC dropout``: the MLP with Dropout(0.2), trained and predicted with keyed masks.
-- ``recommended``: the natural-gradient posterior below, then a temperature fitted on the
-  validation split (the README's "the way"; chosen with ``--evaluate-on val``).
+- ``recommended``: the natural-gradient posterior below, calibrated as ``Recipe.temperature``
+  says (the README's "the way"; chosen with ``--evaluate-on val``: no temperature).
 - ``pretrained, learned prior``: Bayes-by-Backprop (``tb.nelbo`` + Adam) with posterior and
   prior centred on the MAP weights, the prior's scale learned per node
   (``tb.empirical_prior``, refitted every step).

@@ -1,6 +1,6 @@
 """The README's benchmark tables and the bars they are held to, from the evaluations' JSON.
 
-    python examples/summarize.py --classification DIR --uci DIR
+    python examples/summarize.py --classification DIR [DIR ...] --uci DIR [DIR ...]
 
 Reads ``results.json`` of ``classification_eval.py`` and ``uci_eval.py``, prints one markdown
 table per data set (classification: mean +- sd over seeds; UCI: mean +- standard error over
@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # shared/data/uci/README.md: published test log-likelihood (PBP, MC dropout 2018, ensemble)
 PUBLISHED = {
@@ -162,18 +165,32 @@ def bars(classification: dict | None, uci: dict | None) -> list[tuple[str, bool,
     return out
 
 
+def merged(folders: list[str]) -> dict:
+    """The folders' ``results.json`` files, a later folder's rows replacing an earlier one's
+    (a rerun of some rows), in the benchmark's row order."""
+    from recipes import ROWS
+
+    out: dict[str, dict[str, dict]] = {}
+    for folder in folders:
+        for name, table in json.loads((Path(folder) / "results.json").read_text()).items():
+            out.setdefault(name, {}).update(table)
+    return {name: {r: t[r] for r in ROWS if r in t} for name, t in out.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--classification", help="the folder of classification_eval's results")
-    parser.add_argument("--uci", help="the folder of uci_eval's results")
+    parser.add_argument(
+        "--classification", nargs="+", default=[], help="classification_eval output folders"
+    )
+    parser.add_argument("--uci", nargs="+", default=[], help="uci_eval output folders")
     args = parser.parse_args(argv)
     classification = uci = None
     parts = []
     if args.classification:
-        classification = json.loads((Path(args.classification) / "results.json").read_text())
+        classification = merged(args.classification)
         parts.append(classification_tables(classification))
     if args.uci:
-        uci = json.loads((Path(args.uci) / "results.json").read_text())
+        uci = merged(args.uci)
         parts.append(uci_table(uci))
     rows = bars(classification, uci)
     parts.append(

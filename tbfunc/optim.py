@@ -43,6 +43,7 @@ __all__ = ["VON", "VONState", "von"]
 
 LearningRate = float | Callable[[int], float]
 PriorScale = Literal["fixed", "node", "layer"]
+Tensors = list[Tensor] | tuple[Tensor, ...]  # what torch._foreach ops take and return
 
 
 class VONState(NamedTuple):
@@ -141,26 +142,26 @@ def von(
         _check_grads(grads, nodes)
         noise = _noise_of(posterior, key)
         step = int(state.step) + 1
-        new = dict(posterior)
-        momentum, hessian = {}, {}
+        names = list(nodes)
         with torch.no_grad():
             deltas = _precisions(nodes, prior_mean, prior_scale, config)
-            for name, node in nodes.items():
-                centre = None if prior_mean is None else prior_mean[name]
-                mu, sigma, gbar, h = _step(
-                    config,
-                    step,
-                    node.mu,
-                    node.sigma,
-                    grads[name],
-                    grads[name] * noise[name],
-                    state.momentum[name],
-                    state.hessian[name],
-                    centre,
-                    deltas[name],
-                )
-                new[name] = node._replace(mu=mu, rho=_inverse_softplus(sigma))
-                momentum[name], hessian[name] = gbar, h
+            mus, rhos, gbars, hs = _step(
+                config,
+                step,
+                [nodes[n].mu for n in names],
+                [nodes[n].sigma for n in names],
+                [grads[n] for n in names],
+                torch._foreach_mul([grads[n] for n in names], [noise[n] for n in names]),
+                [state.momentum[n] for n in names],
+                [state.hessian[n] for n in names],
+                None if prior_mean is None else [prior_mean[n] for n in names],
+                [deltas[n] for n in names],
+            )
+        new = dict(posterior)
+        for name, mu, rho in zip(names, mus, rhos, strict=True):
+            new[name] = nodes[name]._replace(mu=mu, rho=rho)
+        momentum = dict(zip(names, gbars, strict=True))
+        hessian = dict(zip(names, hs, strict=True))
         return new, VONState(state.step + 1, momentum, hessian)
 
     return VONTransform(init, update)
@@ -233,9 +234,8 @@ class VON(torch.optim.Optimizer):
                 for i, (name, family) in enumerate(zip(self._names, self._families, strict=True))
             }
             deltas = _precisions(view, self._prior_mean, self._prior_scale, config)
-            for index in range(0, len(params), 2):
-                mu, rho = params[index], params[index + 1]
-                name = self._names[index // 2]
+            mus, rhos = params[0::2], params[1::2]
+            for name, mu, rho in zip(self._names, mus, rhos, strict=True):
                 if mu.grad is None or rho.grad is None:
                     raise RuntimeError(
                         f"posterior[{name!r}] has no gradient in mu and rho: compute the loss "
@@ -248,24 +248,27 @@ class VON(torch.optim.Optimizer):
                     state["momentum"] = torch.zeros_like(mu)
                     state["hessian"] = torch.full_like(mu, config.hess_init)
                 state["step"] += 1
-                sigma = F.softplus(rho)
-                # d theta / d rho = eps * sigmoid(rho), so rho.grad / sigmoid(rho) = g * eps
-                g_eps = rho.grad / torch.sigmoid(rho)
-                centre = None if self._prior_mean is None else self._prior_mean[name]
-                new_mu, new_sigma, gbar, h = _step(
-                    config,
-                    int(state["step"]),
-                    mu,
-                    sigma,
-                    mu.grad,
-                    g_eps,
-                    state["momentum"],
-                    state["hessian"],
-                    centre,
-                    deltas[name],
-                )
+            states = [self.state[mu] for mu in mus]
+            rho_grads = [rho.grad for rho in rhos]
+            # d theta / d rho = eps * sigmoid(rho), so rho.grad / sigmoid(rho) = g * eps
+            g_eps = torch._foreach_div(rho_grads, torch._foreach_sigmoid(rhos))
+            new_mus, new_rhos, gbars, hs = _step(
+                config,
+                int(states[0]["step"]),
+                mus,
+                [F.softplus(rho) for rho in rhos],
+                [mu.grad for mu in mus],
+                g_eps,
+                [state["momentum"] for state in states],
+                [state["hessian"] for state in states],
+                None if self._prior_mean is None else [self._prior_mean[n] for n in self._names],
+                [deltas[n] for n in self._names],
+            )
+            for mu, rho, state, new_mu, new_rho, gbar, h in zip(
+                mus, rhos, states, new_mus, new_rhos, gbars, hs, strict=True
+            ):
                 mu.copy_(new_mu)
-                rho.copy_(_inverse_softplus(new_sigma))
+                rho.copy_(new_rho)
                 state["momentum"], state["hessian"] = gbar, h
         return loss
 
@@ -273,28 +276,49 @@ class VON(torch.optim.Optimizer):
 def _step(
     config: _Config,
     step: int,
-    mu: Tensor,
-    sigma: Tensor,
-    g: Tensor,
-    g_eps: Tensor,
-    gbar: Tensor,
-    h: Tensor,
-    centre: Tensor | None,
-    delta: float | Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One VON step for one node: ``(mu, sigma, gbar, h)`` after it (equations 1-5 above)."""
+    mus: Tensors,
+    sigmas: Tensors,
+    gs: Tensors,
+    g_eps: Tensors,
+    gbars: Tensors,
+    hs: Tensors,
+    centres: Tensors | None,
+    deltas: list[float | Tensor],
+) -> tuple[Tensors, Tensors, Tensors, Tensors]:
+    """One VON step for every node at once: ``(mu, rho, gbar, h)`` lists after it (equations
+    1-5 above), in ``torch._foreach`` ops: a few dozen kernel calls whatever the node count,
+    where a loop over nodes paid Python's dispatch per node and op."""
     b1, b2 = config.beta1, config.beta2
-    h_hat = g_eps / sigma
-    gbar = b1 * gbar + (1 - b1) * g
-    h = b2 * h + (1 - b2) * h_hat + (1 - b2) ** 2 * (h - h_hat) ** 2 / (2 * (h + delta))
-    shift = mu if centre is None else mu - centre
-    direction = (gbar / (1 - b1**step) + delta * shift) / (h + delta)
+    delta = [float(d) for d in deltas]  # foreach ops take a list of Python scalars
+    h_hat = torch._foreach_div(g_eps, sigmas)
+    gbars = torch._foreach_lerp(gbars, gs, 1 - b1)  # b1 gbar + (1 - b1) g
+    # the Riemannian correction (h - h_hat)^2 / (2 (h + delta)), from the old h
+    correction = torch._foreach_sub(hs, h_hat)
+    torch._foreach_mul_(correction, correction)
+    torch._foreach_div_(correction, torch._foreach_add(hs, delta))
+    hs = torch._foreach_lerp(hs, h_hat, 1 - b2)  # b2 h + (1 - b2) h_hat
+    torch._foreach_add_(hs, correction, alpha=(1 - b2) ** 2 / 2)
+    precision = torch._foreach_add(hs, delta)  # h + delta
+    direction = torch._foreach_mul(
+        mus if centres is None else torch._foreach_sub(mus, centres), delta
+    )
+    torch._foreach_add_(direction, gbars, alpha=1 / (1 - b1**step))
+    torch._foreach_div_(direction, precision)
     if config.clip is not None:
-        direction = direction.clamp(-config.clip, config.clip)
+        torch._foreach_clamp_min_(direction, -config.clip)
+        torch._foreach_clamp_max_(direction, config.clip)
     lr = config.lr(step) if callable(config.lr) else config.lr
-    mu = mu - lr * direction
-    sigma = torch.rsqrt(config.num_data * (h + delta))
-    return mu, sigma, gbar, h
+    mus = torch._foreach_add(mus, direction, alpha=-lr)
+    # sigma = 1 / sqrt(N (h + delta)); rho = softplus^-1(sigma) = sigma + log(-expm1(-sigma))
+    torch._foreach_mul_(precision, float(config.num_data))
+    torch._foreach_sqrt_(precision)
+    torch._foreach_reciprocal_(precision)
+    rhos = torch._foreach_neg(precision)
+    torch._foreach_expm1_(rhos)
+    torch._foreach_neg_(rhos)
+    torch._foreach_log_(rhos)
+    torch._foreach_add_(rhos, precision)
+    return mus, rhos, gbars, hs
 
 
 def _precisions(
@@ -315,12 +339,6 @@ def _precisions(
 def _check_prior_scale(prior_scale: Any) -> None:
     if prior_scale not in ("fixed", "node", "layer"):
         fail("prior_scale", "one of 'fixed', 'node', 'layer'", prior_scale)
-
-
-def _inverse_softplus(sigma: Tensor) -> Tensor:
-    """``rho`` with ``softplus(rho) = sigma``: ``sigma + log(-expm1(-sigma))``, stable for
-    small sigma."""
-    return sigma + torch.log(-torch.expm1(-sigma))
 
 
 def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:

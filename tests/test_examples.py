@@ -235,3 +235,10 @@ def test_summary_judges_every_bar_in_both_directions(tmp_path):
     (tmp_path / "c" / "results.json").write_text(json.dumps(good))
     text = summarize.main(["--classification", str(tmp_path / "c")])
     assert "**digits**" in text and "| recommended | 0.970 +- 0.000 |" in text and "| met |" in text
+    (tmp_path / "rerun").mkdir()  # a rerun of one row replaces it and keeps the others
+    (tmp_path / "rerun" / "results.json").write_text(
+        json.dumps({"digits": {"recommended": row(0.5, 0.9, 0.5)}})
+    )
+    text = summarize.main(["--classification", str(tmp_path / "c"), str(tmp_path / "rerun")])
+    assert "| recommended | 0.500 +- 0.000 |" in text and "| MAP | 0.950 +- 0.000 |" in text
+    assert text.index("| MAP |") < text.index("| recommended |")  # the table's row order
