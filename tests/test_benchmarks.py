@@ -31,6 +31,8 @@ def test_quick_scoreboard(tmp_path):
     first = {r["name"]: r for r in saved["runs"][1]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
+    von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == "tbfunc VON step"]
+    assert len(von) == 2 and all(r["error"] is None and r["median_s"] > 0 for r in von)
     text = (tmp_path / "results.md").read_text()
     assert "| W1 MLP 784-512-512-10, S=2 |" in text  # the sharded-predict scaling table
     assert "| tb.predict |" in text
