@@ -102,18 +102,21 @@ def run_split(
     def fresh_lik() -> tb.GaussianLikelihood:
         return tb.GaussianLikelihood.from_noise(0.5)
 
+    def score(row: str, out: Tensor, noise: float | Tensor) -> None:
+        """Test LL and RMSE of standardised outputs ``(S, N, 1)``, in the original units."""
+        scale = d["y_sd"]
+        pred = out * scale + d["y_mean"]
+        truth = y_test * scale + d["y_mean"]
+        results[row] = {
+            "test_ll": -float(tb.metrics.gaussian_nll(pred, truth, noise * scale)),
+            "rmse": float(tb.metrics.rmse(pred, truth)),
+        }
+
     def record(
         row: str, model: Any, lik: tb.GaussianLikelihood, noise: float | None = None
     ) -> None:
         out = recipes.predict(model, pred_key, x_test, samples)
-        scale = d["y_sd"]
-        sigma = float(lik.noise) if noise is None else noise
-        pred = out * scale + d["y_mean"]
-        truth = y_test * scale + d["y_mean"]
-        results[row] = {
-            "test_ll": -float(tb.metrics.gaussian_nll(pred, truth, sigma * scale)),
-            "rmse": float(tb.metrics.rmse(pred, truth)),
-        }
+        score(row, out, float(lik.noise) if noise is None else noise)
 
     def val_noise(model: Any, low: float = 0.0) -> float:
         """The noise (at least ``low``) that maximises the validation mixture log-likelihood."""
@@ -146,14 +149,7 @@ def run_split(
         # each member predicts with its own noise: a mixture of the members' Gaussians
         out = torch.cat([recipes.predict(m, pred_key, x_test, samples) for m, _ in members])
         noise = torch.stack([member_lik.noise for _, member_lik in members])
-        pred = out * d["y_sd"] + d["y_mean"]
-        truth = y_test * d["y_sd"] + d["y_mean"]
-        results["deep ensemble"] = {
-            "test_ll": -float(
-                tb.metrics.gaussian_nll(pred, truth, noise[:, None, None] * d["y_sd"])
-            ),
-            "rmse": float(tb.metrics.rmse(pred, truth)),
-        }
+        score("deep ensemble", out, noise[:, None, None])
     if "MC dropout" in rows:
         dnet, dlik = recipes.train_map(
             mlp(inputs, hidden, split, recipe.dropout),

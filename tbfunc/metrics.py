@@ -158,9 +158,11 @@ def fit_temperature(
         fail("bounds", "a pair (low, high) with 0 < low < high", bounds)
     with torch.no_grad():
         wide = logits.detach().double()
+        picked = target.long()[..., None]
 
-        def loss(log_t: float) -> float:
-            return float(nll(wide / math.exp(log_t), target))
+        def loss(log_t: float) -> float:  # nll without re-checking what was checked above
+            log_p = _mixture(wide / math.exp(log_t))
+            return float(-log_p.gather(-1, picked)[..., 0].mean())
 
         grid = torch.linspace(math.log(low), math.log(high), 41).tolist()
         values = [loss(t) for t in grid]
@@ -401,7 +403,11 @@ def _logits(logits: Any) -> Tensor:
 def _log_predictive(logits: Tensor) -> Tensor:
     """``log((1/S) sum_s softmax(logits_s))``: logsumexp over samples, in float32 or wider."""
     logits = _logits(logits)
-    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return _mixture(logits.to(torch.promote_types(logits.dtype, torch.float32)))
+
+
+def _mixture(wide: Tensor) -> Tensor:
+    """The unchecked core of ``_log_predictive``, on logits already widened."""
     return torch.logsumexp(F.log_softmax(wide, dim=-1), dim=0) - math.log(wide.shape[0])
 
 
