@@ -8,10 +8,19 @@ Monte-Carlo samples.
 
 from tbfunc import distributed, interop, metrics, optim, random
 from tbfunc.diagnostics import check_predictions, diagnostics
+from tbfunc.evaluation import evaluate
 from tbfunc.io import from_state_dict, load, save, state_dict
 from tbfunc.kl import kl_divergence
 from tbfunc.likelihood import GaussianLikelihood, HeteroscedasticGaussianLikelihood
-from tbfunc.module import choose_strategy, from_module, functional_call, mean, predict, sample
+from tbfunc.module import (
+    choose_strategy,
+    from_module,
+    functional_call,
+    materialize,
+    mean,
+    predict,
+    sample,
+)
 from tbfunc.nn import PosteriorModule
 from tbfunc.objective import nelbo, parameters
 from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, VariationalPosterior
@@ -41,12 +50,14 @@ __all__ = [
     "diagnostics",
     "distributed",
     "empirical_prior",
+    "evaluate",
     "from_module",
     "from_state_dict",
     "functional_call",
     "interop",
     "kl_divergence",
     "load",
+    "materialize",
     "mean",
     "metrics",
     "nelbo",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tbfunc as tb
+from tbfunc import _progress as progress
 
 NOISE = 0.1  # the data's known noise standard deviation
 
@@ -91,8 +91,9 @@ def train_posterior(
         loss.backward()
         opt.step()
         if step % max(1, steps // 20) == 0 or step == steps - 1:
-            _progress(step + 1, steps, loss.item(), time.perf_counter() - start)
-    print(file=sys.stderr)
+            elapsed = time.perf_counter() - start
+            progress.show(step + 1, steps, f"nelbo {loss.item():8.4f}", elapsed)
+    progress.finish()
     return {
         name: tb.PretrainedGaussianPosterior(node.mu.detach(), node.rho.detach())
         for name, node in posterior.items()
@@ -197,17 +198,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         folder.mkdir(parents=True, exist_ok=True)
         print(plot(net, posterior, x, y, k_eval, str(folder / "tbfunc_demo.png")))
     return results
-
-
-def _progress(step: int, steps: int, loss: float, elapsed: float) -> None:
-    filled = int(30 * step / steps)
-    bar = "#" * filled + "." * (30 - filled)
-    print(
-        f"\r    [{bar}] step {step}/{steps}  nelbo {loss:8.4f}  {elapsed:5.1f}s",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )
 
 
 if __name__ == "__main__":

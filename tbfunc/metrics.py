@@ -13,16 +13,21 @@ prediction). Every function composes with ``vmap`` and ``grad`` where its maths 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tbfunc import _classification as core
 from tbfunc._checks import fail
+from tbfunc._classification import ReliabilityDiagram
+from tbfunc._streaming import Accumulator, Summary
 
 __all__ = [
+    "Accumulator",
     "ReliabilityDiagram",
+    "Summary",
     "accuracy",
     "aurc",
     "auroc",
@@ -134,7 +139,7 @@ def log_predictive(logits: Tensor) -> Tensor:
     """``log((1/S) sum_s softmax(logits_s))`` per example and class, shape ``(..., C)``: the
     predictive mixture in log space (``logsumexp`` over samples, float32 or wider), finite
     where the probabilities themselves underflow."""
-    return _log_predictive(logits)
+    return core.log_predictive(logits)
 
 
 def fit_temperature(
@@ -152,7 +157,7 @@ def fit_temperature(
         target: integer classes ``(...)``.
         bounds: the range of ``T`` searched.
     """
-    target = _target(target, _logits(logits))
+    target = core.check_target(target, core.check_logits(logits))
     low, high = bounds
     if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 < low < high):
         fail("bounds", "a pair (low, high) with 0 < low < high", bounds)
@@ -161,7 +166,7 @@ def fit_temperature(
         picked = target.long()[..., None]
 
         def loss(log_t: float) -> float:  # nll without re-checking what was checked above
-            log_p = _mixture(wide / math.exp(log_t))
+            log_p = core.mixture(wide / math.exp(log_t))
             return float(-log_p.gather(-1, picked)[..., 0].mean())
 
         grid = torch.linspace(math.log(low), math.log(high), 41).tolist()
@@ -185,13 +190,13 @@ def fit_temperature(
 
 def predictive_entropy(logits: Tensor) -> Tensor:
     """``H[p(y | x)]`` of the mixture, per example: total uncertainty, in nats."""
-    log_p = _log_predictive(logits)
+    log_p = core.log_predictive(logits)
     return -(log_p.exp() * log_p).sum(-1)
 
 
 def expected_entropy(logits: Tensor) -> Tensor:
     """``E_s H[softmax(logits_s)]`` per example: the aleatoric part of the uncertainty."""
-    log_p = F.log_softmax(_logits(logits), dim=-1)
+    log_p = F.log_softmax(core.check_logits(logits), dim=-1)
     return -(log_p.exp() * log_p).sum(-1).mean(0)
 
 
@@ -203,23 +208,23 @@ def mutual_information(logits: Tensor) -> Tensor:
 
 def nll(logits: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
     """``-log p(target | x)`` of the mixture (``logsumexp`` over samples)."""
-    log_p = _log_predictive(logits)
-    target = _target(target, logits)
+    log_p = core.log_predictive(logits)
+    target = core.check_target(target, logits)
     return _reduce(-log_p.gather(-1, target[..., None])[..., 0], reduction)
 
 
 def brier_score(logits: Tensor, target: Tensor, *, reduction: Reduction = "mean") -> Tensor:
     """``sum_c (p_c - 1[c = target])**2`` per example, of the mixture (in [0, 2])."""
-    probs = _log_predictive(logits).exp()
-    target = _target(target, logits)
+    probs = core.log_predictive(logits).exp()
+    target = core.check_target(target, logits)
     onehot = F.one_hot(target, probs.shape[-1]).to(probs.dtype)
     return _reduce(((probs - onehot) ** 2).sum(-1), reduction)
 
 
 def accuracy(logits: Tensor, target: Tensor) -> Tensor:
     """The fraction of examples whose mixture's most probable class is the target."""
-    predicted = _log_predictive(logits).argmax(-1)
-    return (predicted == _target(target, logits)).to(torch.get_default_dtype()).mean()
+    predicted = core.log_predictive(logits).argmax(-1)
+    return (predicted == core.check_target(target, logits)).to(torch.get_default_dtype()).mean()
 
 
 def expected_calibration_error(
@@ -237,17 +242,6 @@ def expected_calibration_error(
     sorted by confidence and cut into ``num_bins`` groups of sizes within one.
     """
     return _bins(logits, target, num_bins, binning).ece
-
-
-class ReliabilityDiagram(NamedTuple):
-    """Per-bin data of a reliability diagram; ``figure`` is a matplotlib figure or None."""
-
-    edges: Tensor
-    confidence: Tensor
-    accuracy: Tensor
-    counts: Tensor
-    ece: Tensor
-    figure: Any
 
 
 def reliability_diagram(
@@ -332,10 +326,7 @@ def aurc(confidence: Tensor, correct: Tensor) -> Tensor:
     correct = _scores(correct, "correct")
     if correct.shape != confidence.shape:
         fail("correct", f"a tensor of shape {tuple(confidence.shape)}", correct)
-    order = confidence.double().argsort(descending=True, stable=True)
-    errors = 1.0 - correct.double()[order]
-    risks = errors.cumsum(0) / torch.arange(1, errors.numel() + 1, dtype=torch.float64)
-    return risks.mean()
+    return core.risk_coverage_area(confidence, correct)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,62 +370,6 @@ def _noise(noise: Any, samples: Tensor) -> Tensor:
     return noise
 
 
-def _logits(logits: Any) -> Tensor:
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 2:
-        fail("logits", "a floating-point tensor of shape (S, ..., C)", logits, error=TypeError)
-    if logits.shape[-1] < 2:
-        fail("logits", "at least 2 classes on the last axis", logits)
-    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(
-        logits
-    ):
-        low, high = torch.aminmax(logits)  # one pass; real logits stop here (negative values)
-        in_unit = bool(low >= 0) and bool(high <= 1)
-        if in_unit and bool(torch.allclose(logits.sum(-1), logits.new_ones(()), atol=1e-4)):
-            fail(
-                "logits",
-                "logits or log-probabilities",
-                logits,
-                "These look like probabilities (in [0, 1], summing to 1): pass logits, or "
-                "probs.log().",
-            )
-    return logits
-
-
-def _log_predictive(logits: Tensor) -> Tensor:
-    """``log((1/S) sum_s softmax(logits_s))``: logsumexp over samples, in float32 or wider."""
-    logits = _logits(logits)
-    return _mixture(logits.to(torch.promote_types(logits.dtype, torch.float32)))
-
-
-def _mixture(wide: Tensor) -> Tensor:
-    """The unchecked core of ``_log_predictive``, on logits already widened."""
-    return torch.logsumexp(F.log_softmax(wide, dim=-1), dim=0) - math.log(wide.shape[0])
-
-
-def _target(target: Any, logits: Tensor) -> Tensor:
-    if not isinstance(target, Tensor) or target.is_floating_point() or target.is_complex():
-        fail("target", "an integer tensor of class indices", target, error=TypeError)
-    expected = tuple(logits.shape[1:-1])
-    if tuple(target.shape) != expected:
-        hint = (
-            "logits seem to lack the leading sample axis: pass tb.predict's stacked output, or "
-            "logits[None] for one deterministic model."
-            if tuple(target.shape) == tuple(logits.shape[:-1])
-            else ""
-        )
-        fail(
-            "target", f"a tensor of shape {expected} (logits' shape without S and C)", target, hint
-        )
-    classes = logits.shape[-1]
-    if target.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(target):
-        low, high = int(target.min()), int(target.max())
-        if low < 0 or high >= classes:
-            raise ValueError(
-                f"target must hold class indices in [0, {classes}), got values in [{low}, {high}]."
-            )
-    return target.long()
-
-
 def _scores(scores: Any, arg: str) -> Tensor:
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
         fail(arg, "a non-empty 1-d tensor of scores per example", scores, error=TypeError)
@@ -452,37 +387,12 @@ def _reduce(values: Tensor, reduction: Reduction) -> Tensor:
 
 
 def _bins(logits: Tensor, target: Tensor, num_bins: int, binning: str) -> ReliabilityDiagram:
-    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-        fail("num_bins", "a positive int", num_bins)
-    if binning not in ("width", "mass"):
-        fail("binning", "'width' or 'mass'", binning)
-    log_p = _log_predictive(logits)
-    target = _target(target, logits)
+    core.check_bins(num_bins, binning)
+    log_p = core.log_predictive(logits)
+    target = core.check_target(target, logits)
     top, predicted = log_p.exp().reshape(-1, log_p.shape[-1]).max(-1)
     correct = (predicted == target.reshape(-1)).double()
-    confidence = top.double()
-    count = confidence.numel()
-    if binning == "width":
-        edges = torch.linspace(0, 1, num_bins + 1, dtype=torch.float64)
-        index = torch.bucketize(confidence, edges[1:-1], right=False)  # (b_{i-1}, b_i]
-    else:
-        order = confidence.argsort(stable=True)
-        index = torch.empty(count, dtype=torch.int64)
-        index[order] = torch.arange(count) * num_bins // count
-        sorted_conf = confidence[order]
-        cuts = [int(i * count // num_bins) for i in range(num_bins + 1)]
-        edges = torch.tensor(
-            [0.0] + [float(sorted_conf[max(c - 1, 0)]) for c in cuts[1:-1]] + [1.0],
-            dtype=torch.float64,
-        )
-    members = torch.zeros(num_bins, dtype=torch.float64).index_add_(
-        0, index, torch.ones(count, dtype=torch.float64)
-    )
-    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, correct)
-    safe = members.clamp_min(1)
-    ece = ((acc_sum - conf_sum).abs() / count).sum()
-    return ReliabilityDiagram(edges, conf_sum / safe, acc_sum / safe, members.long(), ece, None)
+    return core.bins(top.double(), correct, num_bins, binning)
 
 
 def _average_ranks(values: Tensor) -> Tensor:

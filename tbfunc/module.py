@@ -8,22 +8,32 @@ adding, removing or reordering other nodes never changes it (the drawing itself 
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import optree
+import torch
 from torch import Tensor, nn
 
 from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
-from tbfunc._forward import Strategy, rng_guard, run
+from tbfunc._forward import Strategy, check_matches, pin_fixed_rows, rng_guard, run
 from tbfunc._predicting import check_args, choose, draw, predict_keys, prepare
 from tbfunc._sampling import canonical, hash32, sample_many
 from tbfunc.posterior import PretrainedGaussianPosterior, is_posterior, is_posterior_type
 
-__all__ = ["choose_strategy", "from_module", "functional_call", "mean", "predict", "sample"]
+__all__ = [
+    "choose_strategy",
+    "from_module",
+    "functional_call",
+    "materialize",
+    "mean",
+    "predict",
+    "sample",
+]
 
 Selector = str | Sequence[str] | Callable[[str, Tensor], bool] | None
 
@@ -235,6 +245,52 @@ def choose_strategy(
     count = check_positive_int(num_samples, "num_samples")
     with rng_guard("choose_strategy", device):
         return choose(module, posterior, names, args, kwargs, count, dropout)
+
+
+def materialize(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    key: Tensor | None = None,
+    *,
+    inplace: bool = False,
+) -> nn.Module:
+    """A copy of ``module`` whose posterior parameters hold the mean weights (``mean``), or one
+    draw (``sample(posterior, key)``) when ``key`` is given: a plain module to merge (PEFT
+    ``merge_and_unload``), export, or serve as a point estimate.
+
+    ``materialize(net, post)(x)`` equals ``torch.func.functional_call(net, tb.mean(post), x)``;
+    with a key it equals ``tb.functional_call(net, post, key, x)``. Rows the module keeps fixed
+    (``nn.Embedding`` padding rows) keep the module's value, as in ``functional_call``. The
+    values are cast to each parameter's dtype; the other parameters, buffers and the training
+    flags are copied as they are, and ``requires_grad`` is kept.
+
+    Args:
+        module: the module the posterior was built from (``from_module``).
+        posterior: its posterior.
+        key: None for the mean; a key for one draw.
+        inplace: write into ``module`` itself instead of a ``copy.deepcopy`` (for models too
+            large to hold twice); the module is returned.
+
+    Example:
+        >>> import torch, tbfunc as tb
+        >>> net = torch.nn.Linear(3, 2)
+        >>> post = tb.from_module(net)
+        >>> plain = tb.materialize(net, post)
+        >>> torch.equal(plain.weight, post["weight"].mu)
+        True
+    """
+    names = check_matches(module, posterior)
+    if not isinstance(inplace, bool):
+        fail("inplace", "a bool", inplace, error=TypeError)
+    values = mean(posterior) if key is None else sample(posterior, check_key(key))
+    stacked = {name: values[name].detach()[None] for name in names}
+    pinned = pin_fixed_rows(module, names, stacked)
+    target = module if inplace else copy.deepcopy(module)
+    params = dict(target.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, actual in names.items():
+            params[actual].copy_(pinned[name][0])
+    return target
 
 
 def _path_key(key: Tensor, name: str) -> Tensor:
