@@ -335,6 +335,8 @@ def run(
         try:
             return run_plain(module, weights, args, kwargs, strategy)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            if isinstance(error, UnstackableOutputError):
+                raise  # the output's type, not the strategy: looping would not help
             _raise_if_forward_fails(error, module, weights, args, kwargs, entry, strategy)
             if strategy != "vmap":
                 raise
@@ -458,6 +460,7 @@ def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any
             static["leaves"] = None
             return (out,)
         leaves, static["spec"] = pytree.tree_flatten(out)
+        _check_leaves(leaves)
         static["leaves"] = leaves
         # vmap returns only tensors: the rest (None, ints, strings) is put back afterwards.
         return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
@@ -556,6 +559,7 @@ def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
     outs = [_one(module, weights, i, args, kwargs, slots) for i in range(weights.samples)]
     flat = [pytree.tree_flatten(out) for out in outs]
     leaves, spec = flat[0]
+    _check_leaves(leaves)
     stacked = []
     for i, leaf in enumerate(leaves):
         column = [f[0][i] for f in flat]
@@ -570,6 +574,27 @@ def _looped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any:
             )
         stacked.append(leaf)
     return pytree.tree_unflatten(stacked, spec)
+
+
+class UnstackableOutputError(TypeError):
+    """The module returned an object whose tensors pytree cannot reach."""
+
+
+_STATIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def _check_leaves(leaves: list[Any]) -> None:
+    """An output object that pytree cannot open (an unregistered dataclass, a custom class)
+    would be passed through as one leaf, hiding its tensors from the stacking (vmap would even
+    leak its traced tensors out): refuse it with the fix instead."""
+    for leaf in leaves:
+        if not isinstance(leaf, (Tensor, *_STATIC)):
+            raise UnstackableOutputError(
+                f"the module's output holds an object of type {type(leaf).__name__}, which "
+                "torch.utils._pytree cannot open, so its tensors cannot be stacked over the "
+                "samples. Return a tensor, tuple, list, dict or Hugging Face ModelOutput, or "
+                "register the class (torch.utils._pytree.register_dataclass)."
+            )
 
 
 @contextlib.contextmanager

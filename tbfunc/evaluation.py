@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-import optree
 import torch
 from torch import Tensor, nn
 
@@ -35,7 +34,6 @@ def evaluate(
     dropout: bool = False,
     output: Callable[[Any], Tensor] | None = None,
     unpack: Unpack | None = None,
-    device: torch.device | str | None = None,
     num_bins: int = 15,
     binning: Literal["width", "mass"] = "width",
     progress: bool | None = None,
@@ -59,8 +57,8 @@ def evaluate(
             arguments).
         output: ``module output -> logits (S, ..., C)``; by default the output itself when it is
             a tensor, else its ``logits`` (a Hugging Face ``ModelOutput``).
-        unpack: ``batch -> (args, kwargs, target)`` for other batch layouts.
-        device: move every tensor of a batch there first (e.g. the model's GPU).
+        unpack: ``batch -> (args, kwargs, target)`` for other batch layouts (or to move a
+            batch to the model's device: ``predict`` does not move inputs).
         num_bins, binning: calibration bins, as in ``expected_calibration_error``.
         progress: a progress line on stderr; by default when stderr is a terminal.
 
@@ -89,8 +87,6 @@ def evaluate(
     with torch.no_grad():
         for number, batch in enumerate(batches):
             args, kwargs, target = (unpack or _unpack)(batch)
-            if device is not None:
-                args, kwargs, target = _moved((args, kwargs, target), device)
             out = predict(
                 module,
                 posterior,
@@ -138,12 +134,6 @@ def _unpack(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
         batch,
         "Pass unpack=lambda batch: (args, kwargs, target) for other layouts.",
         error=TypeError,
-    )
-
-
-def _moved(tree: Any, device: torch.device | str) -> Any:
-    return optree.tree_map(
-        lambda x: x.to(device) if isinstance(x, Tensor) else x, tree, none_is_leaf=True
     )
 
 
