@@ -260,7 +260,8 @@ def materialize(
 
     ``materialize(net, post)(x)`` equals ``torch.func.functional_call(net, tb.mean(post), x)``;
     with a key it equals ``tb.functional_call(net, post, key, x)``. Rows the module keeps fixed
-    (``nn.Embedding`` padding rows) keep the module's value, as in ``functional_call``. The
+    (``nn.Embedding`` padding rows) keep the module's value in both, as ``functional_call``
+    keeps them. The
     values are cast to each parameter's dtype; the other parameters, buffers and the training
     flags are copied as they are, and ``requires_grad`` is kept.
 

@@ -57,6 +57,7 @@ def test_accumulator_equals_whole_set_metrics_on_uneven_batches(binning):
     information = M.mutual_information(logits).double()
     torch.testing.assert_close(got.entropy, entropy, atol=1e-6, rtol=0)
     torch.testing.assert_close(got.mutual_information, information, atol=1e-6, rtol=0)
+    assert float(got.mutual_information.min()) >= 0  # clamped as the whole-set function is
     # the ranking metrics on the kept scores: exactly the whole-set ones
     other_logits, _ = _set(seed=5, scale=1.0)
     out = _stream(other_logits, target).compute()
@@ -360,3 +361,21 @@ def test_evaluate_memory_stays_below_the_whole_sets_logits():
         lambda: tb.evaluate(net, post, key, batches(), num_samples=num_samples, progress=False)
     )
     assert growth < logits_bytes / 2, (growth / 2**20, logits_bytes / 2**20)
+
+
+def test_evaluate_hands_chunk_size_and_strategy_to_predict(monkeypatch):
+    """Chunking and strategy never change the numbers, so only a spy shows they arrive."""
+    import tbfunc.evaluation as evaluation
+
+    seen = []
+    real = evaluation.predict
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["chunk_size"], kwargs["strategy"], kwargs["num_samples"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "predict", spy)
+    net, post, x, y = _model()
+    options = {"num_samples": 4, "chunk_size": 2, "strategy": "loop", "progress": False}
+    tb.evaluate(net, post, tb.random.key(0), [(x[:40], y[:40]), (x[40:], y[40:])], **options)
+    assert seen == [(2, "loop", 4), (2, "loop", 4)]
