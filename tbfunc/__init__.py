@@ -7,6 +7,7 @@ Monte-Carlo samples.
 """
 
 from tbfunc import distributed, interop, metrics, optim, random
+from tbfunc.data import KeyedSampler
 from tbfunc.diagnostics import check_predictions, diagnostics
 from tbfunc.evaluation import evaluate
 from tbfunc.io import from_state_dict, load, save, state_dict
@@ -39,6 +40,7 @@ __all__ = [
     "GaussianPosterior",
     "GaussianPrior",
     "HeteroscedasticGaussianLikelihood",
+    "KeyedSampler",
     "LaplacePrior",
     "PosteriorModule",
     "PretrainedGaussianPosterior",

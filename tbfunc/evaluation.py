@@ -11,15 +11,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from tbfunc import _progress
+from tbfunc import _batches, _progress
 from tbfunc._checks import check_key, fail
 from tbfunc._forward import Strategy
 from tbfunc.metrics import Accumulator, Summary
 from tbfunc.module import predict
 
 __all__ = ["evaluate"]
-
-Unpack = Callable[[Any], tuple[tuple[Any, ...], dict[str, Any], Tensor]]
 
 
 def evaluate(
@@ -33,7 +31,7 @@ def evaluate(
     strategy: Strategy = "auto",
     dropout: bool = False,
     output: Callable[[Any], Tensor] | None = None,
-    unpack: Unpack | None = None,
+    unpack: _batches.Unpack | None = None,
     num_bins: int = 15,
     binning: Literal["width", "mass"] = "width",
     progress: bool | None = None,
@@ -86,7 +84,7 @@ def evaluate(
     start = time.perf_counter()
     with torch.no_grad():
         for number, batch in enumerate(batches):
-            args, kwargs, target = (unpack or _unpack)(batch)
+            args, kwargs, target = (unpack or _batches.unpack)(batch)
             out = predict(
                 module,
                 posterior,
@@ -98,7 +96,7 @@ def evaluate(
                 strategy=strategy,
                 dropout=dropout,
             )
-            accumulator.update(_logits(out, output), target)
+            accumulator.update(_batches.logits_of(out, output), target)
             del out
             if progress:
                 _progress.show(
@@ -110,46 +108,3 @@ def evaluate(
     if progress:
         _progress.finish()
     return accumulator.compute()
-
-
-def _unpack(batch: Any) -> tuple[tuple[Any, ...], dict[str, Any], Tensor]:
-    if isinstance(batch, Mapping):
-        if "labels" not in batch:
-            raise ValueError(
-                f"a dict batch must hold 'labels' (the targets); it has {sorted(batch)}. "
-                "Pass unpack=lambda batch: (args, kwargs, target) for other layouts."
-            )
-        rest = {name: value for name, value in batch.items() if name != "labels"}
-        return (), rest, batch["labels"]
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        inputs, target = batch
-        if isinstance(inputs, Mapping):
-            return (), dict(inputs), target
-        if isinstance(inputs, tuple | list):
-            return tuple(inputs), {}, target
-        return (inputs,), {}, target
-    fail(
-        "batch",
-        "an (inputs, target) pair or a dict with 'labels'",
-        batch,
-        "Pass unpack=lambda batch: (args, kwargs, target) for other layouts.",
-        error=TypeError,
-    )
-
-
-def _logits(out: Any, output: Callable[[Any], Tensor] | None) -> Tensor:
-    if output is not None:
-        return output(out)
-    if isinstance(out, Tensor):
-        return out
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    fail(
-        "output",
-        "a callable giving the logits, since the module returns neither a tensor nor an "
-        "object with .logits",
-        out,
-        "Pass output=lambda out: out[0] (or the field that holds the logits).",
-        error=TypeError,
-    )
