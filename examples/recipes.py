@@ -19,6 +19,8 @@ noise (``tb.GaussianLikelihood``), trained by Adam beside whatever trains the we
 from __future__ import annotations
 
 import contextlib
+import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -102,6 +104,21 @@ def classification_loglik(output: Tensor, target: Tensor) -> Tensor:
     return -F.cross_entropy(output, target, reduction="none")
 
 
+def progress_range(label: str, count: int) -> Iterator[int]:
+    """``range(count)``, with a progress line on stderr when it is a terminal (these loops run
+    for thousands of steps per row and seed)."""
+    show = sys.stderr.isatty()
+    start, every = time.perf_counter(), max(1, count // 20)
+    for step in range(count):
+        yield step
+        if show and (step + 1) % every == 0:
+            elapsed = time.perf_counter() - start
+            line = f"\r    {label}: step {step + 1}/{count}  {elapsed:5.1f}s"
+            print(line, end="", file=sys.stderr, flush=True)
+    if show:
+        print("\r" + " " * 50 + "\r", end="", file=sys.stderr, flush=True)
+
+
 def batch_rows(key: Tensor, step: int, count: int, size: int) -> Tensor:
     """Minibatch ``step`` of an epoch-wise keyed shuffle (the last batch of an epoch may be
     short; every row is seen once an epoch)."""
@@ -142,7 +159,7 @@ def train_map(
         lr=recipe.map_lr,
     )
     net.eval()
-    for step in range(recipe.map_steps):
+    for step in progress_range("MAP", recipe.map_steps):
         rows = batch_rows(key, step, len(x), recipe.batch_size)
         if dropout:
             out = tb.functional_call(
@@ -175,7 +192,7 @@ def train_bbb(
     posterior = tb.from_module(net, sigma=recipe.bbb_sigma)
     centres = tb.pretrained_prior(net, posterior) if centre == "pretrained" else tb.GaussianPrior()
     opt = torch.optim.Adam(tb.parameters(posterior) + lik_params(lik), lr=recipe.bbb_lr)
-    for step in range(recipe.bbb_steps):
+    for step in progress_range("BBB", recipe.bbb_steps):
         rows = batch_rows(key, step, len(x), recipe.batch_size)
         prior = tb.empirical_prior(posterior, centres, per=per)  # type: ignore[arg-type]
         loss = tb.nelbo(
@@ -231,7 +248,7 @@ def train_von(
     noise_params = lik_params(lik)
     noise_opt = torch.optim.Adam(noise_params, lr=recipe.map_lr) if noise_params else None
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.von_steps)
-    for step in range(recipe.von_steps):
+    for step in progress_range("VON", recipe.von_steps):
         rows = batch_rows(key, step, len(x), recipe.batch_size)
         out = tb.functional_call(net, posterior, tb.random.fold_in(key, 10**6 + step), x[rows])
         loss = -lik(out, y[rows]).mean()
@@ -274,7 +291,7 @@ def train_ivon(
         noise_opt = torch.optim.Adam(noise_params, lr=recipe.map_lr) if noise_params else None
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.von_steps)
         net.eval()
-        for step in range(recipe.von_steps):
+        for step in progress_range("IVON", recipe.von_steps):
             rows = batch_rows(key, step, len(x), recipe.batch_size)
             with opt.sampled_params(train=True):
                 opt.zero_grad()

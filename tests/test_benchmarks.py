@@ -41,3 +41,14 @@ def test_quick_scoreboard(tmp_path):
     assert (
         "tb.predict auto strategy: loop\n\ntb.predict auto choice: s: 0.0" in text.split("## W2")[1]
     )
+
+
+def test_streaming_memory_benchmark_runs(tmp_path):
+    from benchmarks.evaluate import main as evaluate_main
+
+    out = tmp_path / "evaluate.md"
+    text = evaluate_main(
+        ["--examples", "200", "--batch", "100", "--samples", "2", "--out", str(out)]
+    )
+    assert "tb.evaluate (streaming)" in text and "whole set" in text
+    assert out.read_text().startswith("# Streaming evaluation: memory")
