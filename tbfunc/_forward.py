@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tbfunc._checks import check_posterior_dict, fail
+from tbfunc._concurrency import SharedSwitch
 from tbfunc._dropout import DROPOUT_LAYERS, active_dropout, keyed_dropout
 from tbfunc._sampling import canonical, tracked
 from tbfunc.posterior import GAUSSIAN_FAMILIES, check_node, is_posterior
@@ -615,19 +616,16 @@ def _batchable_kernels(weights: dict[str, Tensor]) -> Iterator[None]:
         with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
             yield
         return
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    # sdpa_kernel([MATH]) by hand: the context manager costs 25 µs a call, these 1 µs each
-    switches = _SDP_SWITCHES if unfused else ()
-    before = [enabled() for enabled, _ in switches]
-    torch.backends.mha.set_fastpath_enabled(False)
-    for (_, enable), on in zip(switches, _SDP_MATH_ONLY, strict=False):
-        enable(on)
+    # process-wide settings: reference-counted across threads (tbfunc._concurrency)
+    _FASTPATH_OFF.turn()
+    if unfused:
+        _MATH_ONLY.turn()
     try:
         yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for (_, enable), on in zip(switches, before, strict=True):
-            enable(on)
+        if unfused:
+            _MATH_ONLY.release()
+        _FASTPATH_OFF.release()
 
 
 _ATTENTION = (
@@ -647,6 +645,24 @@ _SDP_SWITCHES = tuple(
     if hasattr(torch._C, f"_get_{name}_sdp_enabled") and hasattr(torch._C, f"_set_sdp_use_{name}")
 )
 _SDP_MATH_ONLY = tuple(setter is torch._C._set_sdp_use_math for _, setter in _SDP_SWITCHES)
+
+
+def _set_sdp(states: tuple[bool, ...]) -> None:
+    # sdpa_kernel([MATH]) by hand: the context manager costs 25 µs a call, these 1 µs each
+    for (_, enable), on in zip(_SDP_SWITCHES, states, strict=True):
+        enable(on)
+
+
+_FASTPATH_OFF = SharedSwitch(
+    torch.backends.mha.get_fastpath_enabled,
+    lambda: torch.backends.mha.set_fastpath_enabled(False),
+    torch.backends.mha.set_fastpath_enabled,
+)
+_MATH_ONLY = SharedSwitch(
+    lambda: tuple(enabled() for enabled, _ in _SDP_SWITCHES),
+    lambda: _set_sdp(_SDP_MATH_ONLY),
+    _set_sdp,
+)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ __all__ = ["gaussian", "noise"]
 
 _PARALLEL_MIN_NUMEL = 1 << 16  # below this, handing work to threads costs more than it saves
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 _generators = threading.local()
 
 
@@ -234,8 +235,22 @@ def _fill_with_generator(
 def _thread_pool() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="tbfunc")
+        with _pool_lock:
+            if _pool is None:
+                _pool = ThreadPoolExecutor(
+                    max_workers=os.cpu_count() or 2, thread_name_prefix="tbfunc"
+                )
     return _pool
+
+
+def _forget_pool_in_child() -> None:
+    """A forked child inherits the pool object but none of its threads: work submitted to it
+    would wait forever. The child makes its own on its first parallel draw."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _generator(device: torch.device) -> torch.Generator:

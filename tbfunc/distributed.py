@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from tbfunc import _threefry, random
 from tbfunc._checks import check_key, check_positive_int, fail
+from tbfunc._concurrency import exclusive
 from tbfunc._forward import Strategy, rng_guard
 from tbfunc._predicting import check_args, choose, predict_keys, prepare
 
@@ -101,37 +102,40 @@ def predict(
     """
     key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
     _check_initialized("distributed.predict")
-    names, device = prepare(module, posterior, args, kwargs, "distributed.predict", dropout)
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    keys = _threefry.split(key, count)
-    mine = shard(count, rank=rank, world_size=world)
-    error: BaseException | None = None
-    local: Any = None
-    with rng_guard("distributed.predict", device):
-        try:
-            chosen: str = strategy
-            if strategy == "auto":
-                # the probe size of tb.predict: the same cached choice in the same process
-                picked = choose(module, posterior, names, args, kwargs, min(chunk, count), dropout)
-                chosen = _broadcast_choice(picked, group)
-            # a rank without samples still runs one, to know the output's structure
-            rows = keys[mine.start : mine.stop] if len(mine) else keys[:1]
-            local = predict_keys(
-                module,
-                posterior,
-                names,
-                rows,
-                args,
-                kwargs,
-                chunk,
-                chosen,
-                "distributed.predict",
-                dropout,
-            )
-        except Exception as caught:  # every rank must hear of it before the gather
-            error = caught
-            if isinstance(caught, _CollectiveError):
-                raise
+    with exclusive(module):  # one call at a time per module (_concurrency)
+        names, device = prepare(module, posterior, args, kwargs, "distributed.predict", dropout)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        keys = _threefry.split(key, count)
+        mine = shard(count, rank=rank, world_size=world)
+        error: BaseException | None = None
+        local: Any = None
+        with rng_guard("distributed.predict", device):
+            try:
+                chosen: str = strategy
+                if strategy == "auto":
+                    # the probe size of tb.predict: the same cached choice in the same process
+                    picked = choose(
+                        module, posterior, names, args, kwargs, min(chunk, count), dropout
+                    )
+                    chosen = _broadcast_choice(picked, group)
+                # a rank without samples still runs one, to know the output's structure
+                rows = keys[mine.start : mine.stop] if len(mine) else keys[:1]
+                local = predict_keys(
+                    module,
+                    posterior,
+                    names,
+                    rows,
+                    args,
+                    kwargs,
+                    chunk,
+                    chosen,
+                    "distributed.predict",
+                    dropout,
+                )
+            except Exception as caught:  # every rank must hear of it before the gather
+                error = caught
+                if isinstance(caught, _CollectiveError):
+                    raise
     failed = _failed_ranks(error is None, group, world)
     if failed:
         if error is not None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
+from tbfunc._concurrency import exclusive
 from tbfunc._forward import Strategy, check_matches, pin_fixed_rows, rng_guard, run
 from tbfunc._predicting import check_args, choose, draw, predict_keys, prepare
 from tbfunc._sampling import canonical, hash32, sample_many
@@ -87,9 +88,10 @@ def from_module(
             error=TypeError,
         )
     family: Any = posterior
-    params: dict[str, Tensor] = {
-        canonical(n): p for n, p in module.named_parameters() if p.is_floating_point()
-    }
+    with exclusive(module):  # not while another thread's draw is swapped into the module
+        params: dict[str, Tensor] = {
+            canonical(n): p for n, p in module.named_parameters() if p.is_floating_point()
+        }
     chosen = _select(params, include, "include", keep_if_none=True)
     dropped = _select(params, exclude, "exclude", keep_if_none=False)
     names = [n for n in params if n in chosen and n not in dropped]
@@ -161,10 +163,11 @@ def functional_call(
     masks keyed by ``key`` (as ``predict``'s sample with this key).
     """
     key = check_key(key)
-    names, device = prepare(module, posterior, args, kwargs, "functional_call", dropout)
-    with rng_guard("functional_call", device):
-        weights = draw(module, posterior, names, key[None], dropout)
-        return run(module, weights, args, kwargs, "single", "functional_call")
+    with exclusive(module):  # one call at a time per module (_concurrency)
+        names, device = prepare(module, posterior, args, kwargs, "functional_call", dropout)
+        with rng_guard("functional_call", device):
+            weights = draw(module, posterior, names, key[None], dropout)
+            return run(module, weights, args, kwargs, "single", "functional_call")
 
 
 def predict(
@@ -211,12 +214,13 @@ def predict(
         torch.Size([4, 5, 2])
     """
     key, count, chunk = check_args(key, num_samples, chunk_size, strategy)
-    names, device = prepare(module, posterior, args, kwargs, "predict", dropout)
-    keys = _threefry.split(key, count)
-    with rng_guard("predict", device):
-        return predict_keys(
-            module, posterior, names, keys, args, kwargs, chunk, strategy, "predict", dropout
-        )
+    with exclusive(module):  # one call at a time per module (_concurrency)
+        names, device = prepare(module, posterior, args, kwargs, "predict", dropout)
+        keys = _threefry.split(key, count)
+        with rng_guard("predict", device):
+            return predict_keys(
+                module, posterior, names, keys, args, kwargs, chunk, strategy, "predict", dropout
+            )
 
 
 def choose_strategy(
@@ -241,10 +245,11 @@ def choose_strategy(
       never picked. Without ``args`` (or under ``torch.compile`` or a ``torch.func``
       transform, where nothing can be timed): ``"vmap"``.
     """
-    names, device = prepare(module, posterior, args, kwargs, "choose_strategy", dropout)
-    count = check_positive_int(num_samples, "num_samples")
-    with rng_guard("choose_strategy", device):
-        return choose(module, posterior, names, args, kwargs, count, dropout)
+    with exclusive(module):  # one call at a time per module (_concurrency)
+        names, device = prepare(module, posterior, args, kwargs, "choose_strategy", dropout)
+        count = check_positive_int(num_samples, "num_samples")
+        with rng_guard("choose_strategy", device):
+            return choose(module, posterior, names, args, kwargs, count, dropout)
 
 
 def materialize(
@@ -280,17 +285,18 @@ def materialize(
         >>> torch.equal(plain.weight, post["weight"].mu)
         True
     """
-    names = check_matches(module, posterior)
     if not isinstance(inplace, bool):
         fail("inplace", "a bool", inplace, error=TypeError)
     values = mean(posterior) if key is None else sample(posterior, check_key(key))
-    stacked = {name: values[name].detach()[None] for name in names}
-    pinned = pin_fixed_rows(module, names, stacked)
-    target = module if inplace else copy.deepcopy(module)
-    params = dict(target.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, actual in names.items():
-            params[actual].copy_(pinned[name][0])
+    with exclusive(module):  # never copy a module while another thread's draw is swapped in
+        names = check_matches(module, posterior)
+        stacked = {name: values[name].detach()[None] for name in names}
+        pinned = pin_fixed_rows(module, names, stacked)
+        target = module if inplace else copy.deepcopy(module)
+        params = dict(target.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, actual in names.items():
+                params[actual].copy_(pinned[name][0])
     return target
 
 

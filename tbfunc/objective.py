@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from tbfunc import _threefry
 from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
+from tbfunc._concurrency import exclusive
 from tbfunc._forward import (
     Strategy,
     Weights,
@@ -95,38 +96,41 @@ def nelbo(
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
     if not isinstance(kl_weight, int | float) or kl_weight < 0:
         fail("kl_weight", "a non-negative float", kl_weight)
-    names, device = prepare(module, posterior, args, kwargs, "nelbo", dropout)
+    with exclusive(module):  # one call at a time per module (_concurrency)
+        names, device = prepare(module, posterior, args, kwargs, "nelbo", dropout)
 
-    def batch_nll(output: Any) -> Tensor:
-        if loss_fn is not None:
-            loss = loss_fn(output, target)
-        else:
-            assert log_likelihood is not None
-            per_point = log_likelihood(output, target)
-            loss = -per_point.mean(dtype=accumulation_dtype(per_point.dtype))
-        return loss.to(accumulation_dtype(loss.dtype))
+        def batch_nll(output: Any) -> Tensor:
+            if loss_fn is not None:
+                loss = loss_fn(output, target)
+            else:
+                assert log_likelihood is not None
+                per_point = log_likelihood(output, target)
+                loss = -per_point.mean(dtype=accumulation_dtype(per_point.dtype))
+            return loss.to(accumulation_dtype(loss.dtype))
 
-    # softplus(rho) once per node, shared by the draws and the closed-form KL
-    leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
-    sigmas = {i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
-    sample_keys = _threefry.split(key, count)
-    draws = sample_many(posterior, sample_keys, sigmas, check=False, validated=True)
-    pinned = pin_fixed_rows(module, names, draws)
-    masks = dropout_keys(sample_keys) if dropout else None
-    weights = Weights({names[n]: w for n, w in pinned.items()}, count, masks)
-    auto = strategy == "auto"
-    if auto:
-        strategy = _nelbo_strategy(module, device, count)
-    with rng_guard("nelbo", device):
-        if strategy == "loop" or count == 1:
-            # one forward and loss at a time: the activations of one draw at a time
-            losses = [
-                batch_nll(run(module, _one(weights, s), args, kwargs, "single", "nelbo"))
-                for s in range(count)
-            ]
-        else:
-            outputs = run(module, weights, args, kwargs, "vmap", "nelbo", fallback=auto)
-            losses = [batch_nll(index(outputs, s)) for s in range(count)]
+        # softplus(rho) once per node, shared by the draws and the closed-form KL
+        leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
+        sigmas = {
+            i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)
+        }
+        sample_keys = _threefry.split(key, count)
+        draws = sample_many(posterior, sample_keys, sigmas, check=False, validated=True)
+        pinned = pin_fixed_rows(module, names, draws)
+        masks = dropout_keys(sample_keys) if dropout else None
+        weights = Weights({names[n]: w for n, w in pinned.items()}, count, masks)
+        auto = strategy == "auto"
+        if auto:
+            strategy = _nelbo_strategy(module, device, count)
+        with rng_guard("nelbo", device):
+            if strategy == "loop" or count == 1:
+                # one forward and loss at a time: the activations of one draw at a time
+                losses = [
+                    batch_nll(run(module, _one(weights, s), args, kwargs, "single", "nelbo"))
+                    for s in range(count)
+                ]
+            else:
+                outputs = run(module, weights, args, kwargs, "vmap", "nelbo", fallback=auto)
+                losses = [batch_nll(index(outputs, s)) for s in range(count)]
     nll = torch.stack(losses).mean()
     if not posterior:
         kl = torch.zeros((), dtype=nll.dtype, device=nll.device)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.distributions import Categorical, Laplace, MixtureSameFamily, Normal
 
 from tbfunc._checks import check_tensor, fail
+from tbfunc._concurrency import exclusive
 from tbfunc.posterior import GAUSSIAN_FAMILIES
 
 __all__ = [
@@ -109,7 +110,8 @@ def pretrained_prior(
     Build it from the pretrained module before training: the prior then pulls the posterior
     mean back towards the pretrained weights (a Bayesian form of weight decay towards them).
     """
-    params = dict(module.named_parameters(remove_duplicate=False))
+    with exclusive(module):  # not while another thread's draw is swapped into the module
+        params = dict(module.named_parameters(remove_duplicate=False))
     missing = [name for name in posterior if name not in params]
     if missing:
         raise ValueError(
