@@ -52,3 +52,12 @@ def test_streaming_memory_benchmark_runs(tmp_path):
     )
     assert "tb.evaluate (streaming)" in text and "whole set" in text
     assert out.read_text().startswith("# Streaming evaluation: memory")
+
+
+def test_threads_benchmark_runs():
+    from benchmarks.threads import main as threads_main
+
+    before = torch.get_num_threads()
+    text = threads_main(["--width", "8", "--calls", "2", "--rounds", "1"])
+    assert "2 threads, a module each" in text and "one shared module" in text
+    assert torch.get_num_threads() == before  # restored
