@@ -22,11 +22,14 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 __all__ = ["kernel"]
 
@@ -53,14 +56,47 @@ def kernel() -> ctypes.CDLL | None:
     """The loaded library, or None (no compiler, a failed build, or ``TBFUNC_NATIVE=0``)."""
     if os.environ.get("TBFUNC_NATIVE", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        _unavailable("no C compiler (cc, gcc or $CC) was found")
+    command, origin = _compiler()
+    if not command:
+        _unavailable(
+            "no C compiler was found (looked for $CC, cc and gcc)", "Install one (or set CC)"
+        )
+        return None
+    if shutil.which(command[0]) is None:
+        _unavailable(
+            f"the compiler {command[0]!r} ({origin}) was not found",
+            "Fix CC or install it" if origin == "from $CC" else "Install one (or set CC)",
+        )
         return None
     try:
-        library = ctypes.CDLL(str(_build(compiler)))
+        version = subprocess.run(
+            [*command, "--version"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+        path, note = _cached(command, version)
+        library = _load(path)
+        if library is None:  # a whole file that is no build of this source: build it again
+            path.unlink(missing_ok=True)
+            path, note = _cached(command, version)
+            library = _load_fresh(path)
     except (OSError, subprocess.SubprocessError) as error:
-        _unavailable(f"building it failed: {error}")
+        _unavailable(f"building it with {' '.join(command)!r} failed: {_short(error)}", "")
+        return None
+    if library is None:
+        _unavailable(f"the library built at {path} lacks the kernel's functions", "")
+        return None
+    if note:
+        _warn(note)
+    return library
+
+
+_SYMBOLS = ("tb_fill", "tb_fold_in", "tb_split", "tb_philox")
+
+
+def _load(path: Path) -> ctypes.CDLL | None:
+    """The library with its signatures set, or None if it lacks a function (then it is no
+    build of this source, whatever its name says)."""
+    library = ctypes.CDLL(str(path))
+    if not all(hasattr(library, name) for name in _SYMBOLS):
         return None
     library.tb_fill.argtypes = [_I32, _I32, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P]
     library.tb_fill.restype = None
@@ -73,48 +109,120 @@ def kernel() -> ctypes.CDLL | None:
     return library
 
 
-def _build(compiler: str) -> Path:
-    """The cached library, built first if need be; without ``-march=native`` where the
-    compiler refuses it (older clang on ARM), with the same bits (no FMA contraction either
-    way), only less vectorised."""
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
-    ).stdout
+def _load_fresh(path: Path) -> ctypes.CDLL | None:
+    """``_load`` through a private copy: the dynamic loader hands back the library already
+    loaded under a path, so the rebuilt file must be opened under another name."""
+    handle, copy = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(handle)
+    try:
+        shutil.copyfile(path, copy)
+        return _load(Path(copy))
+    finally:
+        os.unlink(copy)  # the mapping outlives the name
+
+
+def _compiler() -> tuple[list[str], str]:
+    """The compiler command, split as a shell splits ``$CC`` (``CC="ccache gcc"``)."""
+    explicit = os.environ.get("CC")
+    if explicit:
+        return shlex.split(explicit), "from $CC"
+    found = shutil.which("cc") or shutil.which("gcc")
+    return ([found], "found on PATH") if found else ([], "")
+
+
+def _cached(command: list[str], version: str) -> tuple[Path, str]:
+    """The verified cached library, built first if need be; without ``-march=native`` where
+    the compiler refuses it (older clang on ARM), with the same bits (no FMA contraction either
+    way), only less vectorised. Also a note to warn with, or ""."""
     failure: subprocess.SubprocessError | None = None
     for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
         try:
-            return _built(compiler, version, flags)
+            return _built(command, version, flags)
         except subprocess.CalledProcessError as error:
             failure = error
     assert failure is not None
     raise failure
 
 
-def _built(compiler: str, version: str, flags: list[str]) -> Path:
+def _built(command: list[str], version: str, flags: list[str]) -> tuple[Path, str]:
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_text(), compiler, version, " ".join(flags), _cpu_fingerprint()):
+    for part in (_SOURCE.read_text(), " ".join(command), version, " ".join(flags)):
         digest.update(part.encode())
-    folder = _cache_dir()
-    target = folder / f"noise-{digest.hexdigest()[:20]}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
+    digest.update(_cpu_fingerprint().encode())
+    name = f"noise-{digest.hexdigest()[:20]}.so"
+    folder, note = _writable(_cache_dir())
+    target = folder / name
+    if _verified(target):
+        return target, note
+    if target.exists() and _sidecar(target).exists():
+        # truncated (a copy or sync cut short, a full disk), or changed: never load it (a short
+        # ELF kills Python with SIGBUS); build it again. (Without a checksum beside it the
+        # file predates checksums, or its build was cut short: rebuilt without a word.)
+        note = note or f"the cached kernel {target} did not match its checksum and was rebuilt"
     # build beside the target, then rename: concurrent processes never load a half-written file
     handle, partial = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(handle)
     try:
         subprocess.run(
-            [compiler, *flags, str(_SOURCE), "-o", partial],
+            [*command, *flags, str(_SOURCE), "-o", partial],
             capture_output=True,
             text=True,
             check=True,
             timeout=120,
         )
+        checksum = _checksum(Path(partial))
+        _write_atomically(_sidecar(target), checksum, folder)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
-    return target
+    return target, note
+
+
+def _verified(target: Path) -> bool:
+    """The library and the checksum written beside it at build time agree."""
+    try:
+        expected = _sidecar(target).read_text().strip()
+        return bool(expected) and _checksum(target) == expected
+    except OSError:
+        return False
+
+
+def _sidecar(target: Path) -> Path:
+    return target.with_suffix(".sha256")
+
+
+def _checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_atomically(path: Path, text: str, folder: Path) -> None:
+    handle, partial = tempfile.mkstemp(suffix=".tmp", dir=folder)
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    os.replace(partial, path)
+
+
+def _writable(folder: Path) -> tuple[Path, str]:
+    """``folder``, created if need be, or, where it cannot be written, a private temporary
+    folder for this process (the build then runs once per process) and a note saying so."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+        return folder, ""
+    except OSError as error:
+        private = Path(_private_folder())
+        return private, (
+            f"the cache folder {folder} cannot be written ({_short(error)}); the kernel was "
+            f"built in {private} for this process only. Set TBFUNC_CACHE_DIR to a writable "
+            "folder to build it once"
+        )
+
+
+@functools.cache
+def _private_folder() -> str:
+    return tempfile.mkdtemp(prefix="tbfunc-kernel-")
 
 
 def _cache_dir() -> Path:
@@ -138,11 +246,35 @@ def _cpu_fingerprint() -> str:
     return "\n".join(parts)
 
 
-def _unavailable(reason: str) -> None:
-    warnings.warn(
-        f"tbfunc's CPU noise kernel is unavailable ({reason}); drawing with the tensor-op "
-        "version of the same generator instead: the same numbers, several times slower. "
-        "Install a C compiler (or set CC) to get the fast kernel.",
-        RuntimeWarning,
-        stacklevel=4,
+def _unavailable(reason: str, fix: str) -> None:
+    advice = f" {fix} to get the fast kernel." if fix else ""
+    _warn(
+        f"tbfunc's CPU noise kernel is unavailable: {reason}. Drawing with the tensor-op "
+        f"version of the same generator instead: the same numbers, about 28x slower.{advice}"
     )
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=_outside_tbfunc())
+
+
+def _outside_tbfunc() -> int:
+    """The stack level of the first frame outside tbfunc and torch (whose custom-op dispatch
+    sits between a draw and this kernel): the user's call."""
+    inside = (str(Path(__file__).parent), str(Path(_torch_file()).parent))
+    frame: Any = sys._getframe(1)
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _torch_file() -> str:
+    import torch  # already imported by the time a kernel loads; not at this module's import
+
+    return torch.__file__ or ""
+
+
+def _short(error: BaseException) -> str:
+    detail = getattr(error, "stderr", None) or str(error)
+    return " ".join(str(detail).split())[:300]
