@@ -6,6 +6,7 @@ on each rank). Internal.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
+from tbfunc._dropout import active_dropout
 from tbfunc._forward import (
     Weights,
     check_inputs,
@@ -40,6 +42,7 @@ __all__ = ["CHOICES", "check_args", "choose", "draw", "dropout_keys", "predict_k
 _SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
 
 _DROPOUT = hash32("dropout")
+_MAX_CHOICES = 32  # per module
 
 # choose's timings, per module (dropped with it) and call signature.
 CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
@@ -135,10 +138,12 @@ def choose(
     means = [value(node) for node in posterior.values()]
     if args is None or torch.compiler.is_compiling() or tracked(*means):
         return "vmap"
-    seen = signature(posterior, args, kwargs, count)
+    seen = signature(posterior, args, kwargs, count, dropout)
     cache = CHOICES.setdefault(module, {})
     if seen not in cache:
-        cache[seen] = timed(module, posterior, names, args, kwargs, count)
+        if len(cache) >= _MAX_CHOICES:
+            cache.clear()  # bounded: a long-running server meets many shapes
+        cache[seen] = timed(module, posterior, names, args, kwargs, count, dropout)
     return cache[seen]
 
 
@@ -149,26 +154,45 @@ def timed(
     args: Any,
     kwargs: Any,
     count: int,
+    dropout: bool = False,
 ) -> Literal["vmap", "loop"]:
-    """Time both strategies on ``count`` copies of the mean weights; the faster wins."""
+    """Time both strategies on ``count`` copies of the mean weights (the loop through one
+    forward, scaled by ``count``); the faster wins. With
+    ``dropout`` the timing runs as the call will: dropout layers on, masks from fixed keys (a
+    forward in training mode would otherwise draw its masks from the global RNG)."""
+    # any keys serve: only the time is kept
+    masks = (
+        dropout_keys(_threefry.split(torch.zeros(2, dtype=torch.int64), count)) if dropout else None
+    )
     mean_weights = Weights(
         {
             names[name]: value(node).detach()[None].expand(count, *value(node).shape).clone()
             for name, node in posterior.items()
         },
         count,
+        masks,
     )
+    # the loop's cost is count times one forward: time one (its first run, a warm-up, is not
+    # kept), so the timing costs about two vmapped calls, not two vmapped and two looped ones
+    one = Weights(
+        {name: tensor[:1] for name, tensor in mean_weights.tensors.items()},
+        1,
+        None if masks is None else masks[:1],
+    )
+    runs = {"vmap": (mean_weights, 1), "loop": (one, count)}
     best: dict[str, float] = {}
-    for strategy in ("vmap", "loop", "vmap", "loop"):
+    for strategy in ("loop", "vmap", "loop", "vmap"):
         if best.get(strategy) == math.inf:
             continue
+        weights, scale = runs[strategy]
         start = time.perf_counter()
         try:
-            run_plain(module, mean_weights, args, kwargs, strategy)
+            with active_dropout(module) if dropout else contextlib.nullcontext():
+                run_plain(module, weights, args, kwargs, strategy)
         except Exception:  # it cannot run: never pick it (the real call explains the error)
             best[strategy] = math.inf
             continue
-        elapsed = time.perf_counter() - start
+        elapsed = (time.perf_counter() - start) * scale
         best[strategy] = min(best.get(strategy, math.inf), elapsed)
     return "vmap" if best["vmap"] <= best["loop"] and best["vmap"] < math.inf else "loop"
 
@@ -177,13 +201,23 @@ def value(node: Any) -> Tensor:
     return node.mu if is_posterior(node) else node
 
 
-def signature(posterior: dict[str, Any], args: Any, kwargs: Any, count: int) -> tuple:
+def signature(
+    posterior: dict[str, Any], args: Any, kwargs: Any, count: int, dropout: bool = False
+) -> tuple:
+    """What the choice is kept for: the posterior's structure, and a coarse class of the call
+    (each input's rank, dtype, device and size rounded to a power of two; the sample count
+    likewise). A dynamically padded evaluation loop (B x T, T varying) then times once or twice,
+    not once per batch; the grad mode is left out: it changes both strategies alike."""
     nodes = tuple(
         (name, tuple(value(node).shape), value(node).dtype, value(node).device)
         for name, node in posterior.items()
     )
     inputs = tuple(
-        (where, tuple(leaf.shape), leaf.dtype, leaf.device)
+        (where, leaf.dim(), leaf.dtype, leaf.device, _octave(leaf.numel()))
         for where, leaf in tensor_leaves(args, kwargs)
     )
-    return nodes, inputs, count, torch.is_grad_enabled()
+    return nodes, inputs, _octave(count), dropout
+
+
+def _octave(size: int) -> int:
+    return max(size, 1).bit_length()
