@@ -34,6 +34,14 @@ def check_logits(logits: Any) -> Tensor:
         logits
     ):
         low, high = torch.aminmax(logits)  # one pass; real logits stop here (negative values)
+        if bool(torch.isnan(low)) or bool(torch.isnan(high)):  # aminmax propagates NaN
+            fail(
+                "logits",
+                "free of NaN",
+                logits,
+                f"{int(torch.isnan(logits).sum())} values are NaN: the model diverged or "
+                "overflowed upstream (tb.check_predictions finds the examples).",
+            )
         in_unit = bool(low >= 0) and bool(high <= 1)
         if in_unit and bool(torch.allclose(logits.sum(-1), logits.new_ones(()), atol=1e-4)):
             fail(

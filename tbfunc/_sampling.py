@@ -19,7 +19,15 @@ from tbfunc import _noise, _threefry
 from tbfunc._checks import fail, is_wrapped
 from tbfunc.posterior import GAUSSIAN_FAMILIES, check_node, is_posterior
 
-__all__ = ["canonical", "check_finite", "hash32", "posterior_nodes", "sample_many", "tracked"]
+__all__ = [
+    "canonical",
+    "check_finite",
+    "check_tree",
+    "hash32",
+    "posterior_nodes",
+    "sample_many",
+    "tracked",
+]
 
 
 def hash32(path: str) -> int:
@@ -51,6 +59,23 @@ _MAX_LAYOUTS = 256
 # in-place update (an optimizer step, copy_) bumps the counter, so only tensors changed since
 # their last check are read again. An entry leaves with its tensor.
 _FINITE: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def check_tree(tree: Any, arg: str = "posterior") -> None:
+    """A posterior node, or a tree whose leaves are posterior nodes or tensors (``{}`` is a
+    valid, empty tree); ``None``, numbers and other leaves are refused, naming the leaf."""
+    if tree is None or isinstance(tree, bool | int | float | str | bytes):
+        fail(
+            arg,
+            "a posterior node or a tree of them (e.g. tb.from_module's dict)",
+            tree,
+            error=TypeError,
+        )
+    paths, leaves, _ = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
+    for path, leaf in zip(paths, leaves, strict=True):
+        if not (is_posterior(leaf) or isinstance(leaf, Tensor)):
+            where = ".".join(map(str, path))
+            fail(f"{arg} leaf {where!r}", "a posterior node or a tensor", leaf, error=TypeError)
 
 
 def posterior_nodes(tree: Any) -> tuple[list[Any], list[str], list[int], Any, list[Any]]:

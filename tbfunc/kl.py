@@ -19,7 +19,7 @@ from torch import Tensor
 
 from tbfunc import _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, fail
-from tbfunc._sampling import check_finite, posterior_nodes, sample_many
+from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior, LaplacePrior, _check_positive, is_prior
 
@@ -62,6 +62,7 @@ def kl_divergence(
     Raises:
         ValueError: a ``mu`` or ``rho`` is not finite (checked in eager mode).
     """
+    check_tree(posterior)
     if reduction not in ("sum", "mean"):
         fail("reduction", "'sum' or 'mean'", reduction)
     count = check_optional_positive_int(num_samples, "num_samples")

@@ -373,6 +373,13 @@ def _noise(noise: Any, samples: Tensor) -> Tensor:
 def _scores(scores: Any, arg: str) -> Tensor:
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.numel() == 0:
         fail(arg, "a non-empty 1-d tensor of scores per example", scores, error=TypeError)
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        fail(
+            arg,
+            "free of NaN (NaN has no rank)",
+            scores,
+            f"{int(torch.isnan(scores).sum())} are NaN.",
+        )
     return scores
 
 

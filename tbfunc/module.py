@@ -23,7 +23,7 @@ from tbfunc._checks import check_key, check_optional_positive_int, check_positiv
 from tbfunc._concurrency import exclusive
 from tbfunc._forward import Strategy, check_matches, pin_fixed_rows, rng_guard, run
 from tbfunc._predicting import check_args, choose, draw, predict_keys, prepare
-from tbfunc._sampling import canonical, hash32, sample_many
+from tbfunc._sampling import canonical, check_tree, hash32, sample_many
 from tbfunc.posterior import PretrainedGaussianPosterior, is_posterior, is_posterior_type
 
 __all__ = [
@@ -131,6 +131,7 @@ def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> An
         key: a key.
         num_samples: the number of draws, or None for one draw without a sample axis.
     """
+    check_tree(posterior)
     key = check_key(key)
     count = check_optional_positive_int(num_samples, "num_samples")
     if count is None:
@@ -140,6 +141,7 @@ def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> An
 
 def mean(posterior: Any) -> Any:
     """The tree with each posterior node replaced by its ``mu``: the "mean weights"."""
+    check_tree(posterior)
     return optree.tree_map(
         lambda node: node.mu if is_posterior(node) else node, posterior, is_leaf=is_posterior
     )

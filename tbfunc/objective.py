@@ -8,6 +8,7 @@ size, not the batch size) and every minibatch's ``nelbo`` estimates ``-ELBO / N`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from tbfunc._forward import (
     run,
 )
 from tbfunc._predicting import dropout_keys, prepare
-from tbfunc._sampling import check_finite, posterior_nodes, sample_many
+from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
 from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior
@@ -94,8 +95,15 @@ def nelbo(
         )
     if strategy not in ("auto", "vmap", "loop"):
         fail("strategy", "one of 'auto', 'vmap', 'loop'", strategy)
-    if not isinstance(kl_weight, int | float) or kl_weight < 0:
-        fail("kl_weight", "a non-negative float", kl_weight)
+    if not isinstance(kl_weight, int | float) or not 0 <= kl_weight < math.inf:
+        fail("kl_weight", "a finite non-negative float", kl_weight)
+    rows = _rows(target)
+    if rows is not None and rows > data_size:
+        raise ValueError(
+            f"num_data must be the size of the whole data set, at least the batch's {rows} "
+            f"rows, got int {data_size}. (It scales the KL: the batch mean of the NLL plus "
+            "KL / num_data estimates -ELBO / N.)"
+        )
     with exclusive(module):  # one call at a time per module (_concurrency)
         names, device = prepare(module, posterior, args, kwargs, "nelbo", dropout)
 
@@ -142,6 +150,13 @@ def nelbo(
     return nll + kl_weight * kl.to(nll.device) / data_size
 
 
+def _rows(target: Any) -> int | None:
+    """The batch's size where it is plain: the leading axis of a tensor target."""
+    if isinstance(target, Tensor) and target.dim() > 0:
+        return int(target.shape[0])
+    return None
+
+
 def _check_finite_kl(kl: Tensor, posterior: Any) -> None:
     """A non-finite ``mu`` or ``rho`` makes the KL non-finite: one scalar test per step instead
     of a sum per tensor; only then are the tensors searched, for an error that names one."""
@@ -177,6 +192,7 @@ def parameters(posterior: Any) -> list[Tensor]:
         >>> post = tb.from_module(torch.nn.Linear(3, 2))
         >>> opt = torch.optim.Adam(tb.parameters(post), lr=1e-3)
     """
+    check_tree(posterior)
     tensors: list[Tensor] = []
     seen: set[int] = set()
     for path, leaf in zip(*optree.tree_flatten_with_path(posterior)[:2], strict=True):

@@ -8,6 +8,7 @@ registration, and ``torch.func.grad`` returns gradients of the same type.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -224,10 +225,11 @@ def _initial_rho(
     if sigma is not None:
         return _rho_from_sigma(_broadcast(mu, sigma, "sigma"), "sigma")
     if sigma_scale is not None:
-        if not isinstance(sigma_scale, int | float) or not sigma_scale > 0:
-            fail("sigma_scale", "a positive float", sigma_scale)
-        if not isinstance(sigma_floor, int | float) or not sigma_floor > 0:
-            fail("sigma_floor", "a positive float", sigma_floor)
+        for arg, value in (("sigma_scale", sigma_scale), ("sigma_floor", sigma_floor)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                fail(arg, "a positive float", value, error=TypeError)
+            if not 0 < value < math.inf:
+                fail(arg, "a positive finite float", value)
         scale = (mu.abs() * sigma_scale).clamp_min(sigma_floor)
         return _rho_from_sigma(scale, "sigma_scale * |param|")
     return _fill_rho(mu, DEFAULT_RHO if rho is None else rho)

@@ -411,3 +411,120 @@ def test_integer_parameters_are_left_out_and_the_module_still_runs():
     x = data(3, 5)
     assert tb.predict(net, post, KEY, x, num_samples=2).shape == (2, 3, 3)
     assert tb.functional_call(net, post, KEY, x).shape == (3, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs that used to be accepted silently (issue 17): each is refused by message now.
+
+
+def _tiny():
+    import helpers
+
+    net = helpers.mlp((3, 4, 2))
+    return net, tb.from_module(net)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda net, post: tb.from_module(net, sigma_scale=True),
+            TypeError,
+            r"sigma_scale must be a positive float, got bool True",
+        ),
+        (
+            lambda net, post: tb.from_module(net, sigma_scale=float("inf")),
+            ValueError,
+            r"sigma_scale must be a positive finite float, got float inf",
+        ),
+        (
+            lambda net, post: tb.sample(None, tb.random.key(0)),
+            TypeError,
+            r"posterior must be a posterior node or a tree of them \(e.g. tb.from_module's dict\), got an object of type NoneType",
+        ),
+        (
+            lambda net, post: tb.mean(None),
+            TypeError,
+            r"posterior must be a posterior node or a tree of them",
+        ),
+        (
+            lambda net, post: tb.mean([1, 2]),
+            TypeError,
+            r"posterior leaf '0' must be a posterior node or a tensor, got int 1",
+        ),
+        (
+            lambda net, post: tb.kl_divergence(None),
+            TypeError,
+            r"posterior must be a posterior node or a tree of them",
+        ),
+        (
+            lambda net, post: tb.parameters(None),
+            TypeError,
+            r"posterior must be a posterior node or a tree of them",
+        ),
+        (
+            lambda net, post: tb.nelbo(
+                net,
+                post,
+                tb.random.key(0),
+                torch.ones(5, 3),
+                torch.zeros(5, dtype=torch.long),
+                num_data=2,
+                loss_fn=torch.nn.functional.cross_entropy,
+            ),
+            ValueError,
+            r"num_data must be the size of the whole data set, at least the batch's 5 rows, got int 2",
+        ),
+        (
+            lambda net, post: tb.nelbo(
+                net,
+                post,
+                tb.random.key(0),
+                torch.ones(5, 3),
+                torch.zeros(5, dtype=torch.long),
+                num_data=20,
+                kl_weight=float("nan"),
+                loss_fn=torch.nn.functional.cross_entropy,
+            ),
+            ValueError,
+            r"kl_weight must be a finite non-negative float, got float nan",
+        ),
+        (
+            lambda net, post: tb.metrics.accuracy(
+                torch.full((2, 5, 3), float("nan")), torch.zeros(5, dtype=torch.long)
+            ),
+            ValueError,
+            r"logits must be free of NaN, got a tensor of shape \(2, 5, 3\).* 30 values are NaN",
+        ),
+        (
+            lambda net, post: tb.metrics.auroc(
+                torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, 3.0])
+            ),
+            ValueError,
+            r"scores_in must be free of NaN \(NaN has no rank\).* 1 are NaN",
+        ),
+        (
+            lambda net, post: tb.metrics.auroc(
+                torch.tensor([0.0, 1.0]), torch.tensor([float("nan"), 3.0])
+            ),
+            ValueError,
+            r"scores_out must be free of NaN",
+        ),
+    ],
+)
+def test_inputs_once_accepted_silently_are_refused(call, error, message):
+    net, post = _tiny()
+    with pytest.raises(error, match=message):
+        call(net, post)
+
+
+def test_one_nan_logit_is_refused_by_every_classification_metric():
+    logits = torch.zeros(2, 4, 3)
+    logits[1, 2, 0] = float("nan")
+    target = torch.zeros(4, dtype=torch.long)
+    for metric in (tb.metrics.accuracy, tb.metrics.nll, tb.metrics.expected_calibration_error):
+        with pytest.raises(ValueError, match=r"1 values are NaN"):
+            metric(logits, target)
+    acc = tb.metrics.Accumulator()
+    with pytest.raises(ValueError, match=r"logits must be free of NaN"):
+        acc.update(logits, target)

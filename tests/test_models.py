@@ -179,7 +179,9 @@ def test_auto_times_both_strategies_once_and_keeps_the_faster(when, expected):
     assert list(CHOICES[net].values()) == [expected]
     torch.testing.assert_close(out, tb.predict(net, post, KEY, x, num_samples=4, strategy="loop"))
     tb.predict(net, post, KEY, data(5, 3), num_samples=4)
-    assert len(CHOICES[net]) == 2, "new input shapes are timed anew"
+    assert len(CHOICES[net]) == 1, "a size in the same power-of-two class is not timed again"
+    tb.predict(net, post, KEY, data(40, 3), num_samples=4)
+    assert len(CHOICES[net]) == 2, "a new size class is timed anew"
 
 
 # -- 3. rows the module keeps fixed ------------------------------------------------------------
