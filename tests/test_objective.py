@@ -238,7 +238,9 @@ def test_nelbo_and_parameters_errors():
         tb.nelbo(net, post, KEY, x, y, num_data=10)
     with pytest.raises(ValueError, match=r"num_data must be a positive int \(>= 1\), got int 0"):
         tb.nelbo(net, post, KEY, x, y, loss_fn=F.cross_entropy, num_data=0)
-    with pytest.raises(ValueError, match="kl_weight must be a finite non-negative float, got float -1.0"):
+    with pytest.raises(
+        ValueError, match="kl_weight must be a finite non-negative float, got float -1.0"
+    ):
         tb.nelbo(net, post, KEY, x, y, loss_fn=F.cross_entropy, num_data=10, kl_weight=-1.0)
     with pytest.raises(ValueError, match="strategy must be one of 'auto', 'vmap', 'loop'"):
         tb.nelbo(net, post, KEY, x, y, loss_fn=F.cross_entropy, num_data=10, strategy="x")

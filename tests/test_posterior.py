@@ -154,7 +154,9 @@ def test_from_param_errors():
         ValueError, match="give at most one of rho, sigma and sigma_scale, got rho, sigma"
     ):
         P.from_param(torch.zeros(3), rho=-2.0, sigma=0.1)
-    with pytest.raises(ValueError, match="sigma_scale must be a positive finite float, got float -0.1"):
+    with pytest.raises(
+        ValueError, match="sigma_scale must be a positive finite float, got float -0.1"
+    ):
         P.from_param(torch.zeros(3), sigma_scale=-0.1)
     with pytest.raises(ValueError, match="rho must be finite, got float inf"):
         P.from_param(torch.zeros(3), rho=float("inf"))
