@@ -84,6 +84,9 @@ def predict_keys(
     for start in range(0, len(keys), chunk):
         weights = draw(module, posterior, names, keys[start : start + chunk], dropout)
         outputs.append(run(module, weights, args, kwargs, chosen, entry, fallback=auto))  # type: ignore[arg-type]
+        # free this chunk's weights before the next is drawn: else two chunks coexist at the
+        # peak, and chunk_size=S/2 saved nothing
+        del weights
     return concat(outputs)
 
 
