@@ -61,3 +61,10 @@ def test_threads_benchmark_runs():
     text = threads_main(["--width", "8", "--calls", "2", "--rounds", "1"])
     assert "2 threads, a module each" in text and "one shared module" in text
     assert torch.get_num_threads() == before  # restored
+
+
+def test_frozen_base_benchmark_runs():
+    from benchmarks.frozen_base import main as frozen_main
+
+    text = frozen_main(["--batch", "2", "--tokens", "4", "--rounds", "1", "--steps", "1"])
+    assert "trainable (" in text and "frozen" in text
