@@ -159,7 +159,8 @@ class PosteriorLightningModule(pl.LightningModule):
         args, kwargs, target = self.unpack(batch)
         post = self.view.posterior()
         prior = self.prior(post) if callable(self.prior) else self.prior
-        natural = isinstance(self._optimizer(), VON)
+        # VON adds the prior's pull itself: it is given the data term alone
+        weight = 0.0 if isinstance(self._optimizer(), VON) else self.kl_weight
         loss = nelbo(
             self.view.module,
             post,
@@ -170,13 +171,12 @@ class PosteriorLightningModule(pl.LightningModule):
             num_data=self.num_data,
             loss_fn=self.loss_fn or self._cross_entropy,
             prior=prior,
-            kl_weight=0.0 if natural else self.kl_weight,
+            kl_weight=weight,
             num_samples=self.num_samples,
             dropout=self.dropout,
         )
         with torch.no_grad():
             kl = kl_divergence(post, prior) if post else loss.new_zeros(())
-            weight = 0.0 if natural else self.kl_weight
             data_term = loss - weight * kl.to(loss) / self.num_data
         batch_size = _batch_size(target)
         self.log("train/nelbo", loss.detach(), prog_bar=True, batch_size=batch_size)

@@ -417,6 +417,13 @@ def test_integer_parameters_are_left_out_and_the_module_still_runs():
 # Inputs that used to be accepted silently (issue 17): each is refused by message now.
 
 
+def _nelbo(net, post, **options):
+    """nelbo on a batch of 5 rows."""
+    x, y = torch.ones(5, 3), torch.zeros(5, dtype=torch.long)
+    loss = torch.nn.functional.cross_entropy
+    return tb.nelbo(net, post, tb.random.key(0), x, y, loss_fn=loss, **options)
+
+
 def _tiny():
     import helpers
 
@@ -463,29 +470,12 @@ def _tiny():
             r"posterior must be a posterior node or a tree of them",
         ),
         (
-            lambda net, post: tb.nelbo(
-                net,
-                post,
-                tb.random.key(0),
-                torch.ones(5, 3),
-                torch.zeros(5, dtype=torch.long),
-                num_data=2,
-                loss_fn=torch.nn.functional.cross_entropy,
-            ),
+            lambda net, post: _nelbo(net, post, num_data=2),
             ValueError,
             r"num_data must be the size of the whole data set, at least the batch's 5 rows, got int 2",
         ),
         (
-            lambda net, post: tb.nelbo(
-                net,
-                post,
-                tb.random.key(0),
-                torch.ones(5, 3),
-                torch.zeros(5, dtype=torch.long),
-                num_data=20,
-                kl_weight=float("nan"),
-                loss_fn=torch.nn.functional.cross_entropy,
-            ),
+            lambda net, post: _nelbo(net, post, num_data=20, kl_weight=float("nan")),
             ValueError,
             r"kl_weight must be a finite non-negative float, got float nan",
         ),
