@@ -138,11 +138,21 @@ def from_posteriors(
         )
     posterior = {}
     for name, mu in params.items():
-        log_sd = log_sd_diag[name].detach()
+        log_sd = log_sd_diag[name]
+        if not isinstance(log_sd, Tensor) or not log_sd.is_floating_point():
+            fail(f"log_sd_diag[{name!r}]", "a floating-point tensor", log_sd, error=TypeError)
+        log_sd = log_sd.detach()
         if log_sd.shape != mu.shape:
             raise ValueError(
                 f"log_sd_diag[{name!r}] has shape {tuple(log_sd.shape)} but params[{name!r}] "
                 f"has shape {tuple(mu.shape)}."
+            )
+        if not bool(torch.isfinite(log_sd).all()):
+            fail(
+                f"log_sd_diag[{name!r}]",
+                "finite (a log standard deviation)",
+                log_sd,
+                f"{int((~torch.isfinite(log_sd)).sum())} values are NaN or infinite.",
             )
         posterior[name] = family(mu.detach().clone(), _rho_from_log_sigma(log_sd))
     return posterior

@@ -21,7 +21,12 @@ from torch import Tensor, nn
 
 from tbfunc._checks import check_posterior_dict, fail
 from tbfunc._sampling import canonical
-from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, is_posterior
+from tbfunc.posterior import (
+    GaussianPosterior,
+    PretrainedGaussianPosterior,
+    check_node,
+    is_posterior,
+)
 
 __all__ = ["from_state_dict", "load", "save", "state_dict"]
 
@@ -151,6 +156,8 @@ def load(
             )
         kinds[name] = allowed[family_id]
     posterior = from_state_dict(payload["state_dict"], family=kinds)
+    for name, node in posterior.items():  # a damaged file: rho shaped or typed unlike mu
+        check_node(node, f"{os.fspath(path)!r}: posterior[{name!r}]")
     if module is not None:
         check_against(module, posterior)
     return posterior

@@ -518,3 +518,38 @@ def test_one_nan_logit_is_refused_by_every_classification_metric():
     acc = tb.metrics.Accumulator()
     with pytest.raises(ValueError, match=r"logits must be free of NaN"):
         acc.update(logits, target)
+
+
+@pytest.mark.parametrize(
+    ("log_sd", "error", "message"),
+    [
+        (
+            torch.tensor([float("nan"), 0.0]),
+            ValueError,
+            r"log_sd_diag\['w'\] must be finite \(a log standard deviation\).* 1 values are NaN or infinite",
+        ),
+        (torch.tensor([float("inf"), 0.0]), ValueError, r"log_sd_diag\['w'\] must be finite"),
+        (
+            torch.tensor([1, 0]),
+            TypeError,
+            r"log_sd_diag\['w'\] must be a floating-point tensor, got a tensor of shape \(2,\), dtype torch.int64",
+        ),
+    ],
+)
+def test_from_posteriors_refuses_a_log_sd_that_is_no_log_sd(log_sd, error, message):
+    with pytest.raises(error, match=message):
+        tb.interop.from_posteriors({"w": torch.zeros(2)}, {"w": log_sd})
+
+
+def test_load_refuses_a_file_whose_rho_is_shaped_unlike_mu(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    path = tmp_path / "post.pt"
+    with torch.random.fork_rng():
+        tb.save(tb.from_module(net), path)
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"]["weight.rho"] = torch.zeros(5)
+    torch.save(payload, path)
+    with pytest.raises(
+        ValueError, match=r"posterior\['weight'\].rho must be a tensor like mu \(shape \(2, 3\)"
+    ):
+        tb.load(path)  # no module given: the file alone must be consistent
