@@ -62,6 +62,11 @@ def check_matches(module: nn.Module, posterior: Any) -> dict[str, str]:
     if not isinstance(module, nn.Module):
         fail("module", "an nn.Module", module, error=TypeError)
     check_posterior_dict(posterior)
+    if torch.compiler.is_compiling():
+        # no cache under the compiler: reading the library's mutable state (the structure
+        # counter, the tables) would become a guard, and any module created anywhere would
+        # recompile the caller; the checks trace once into nothing
+        return _check_matches(module, posterior)
     cached = _MATCHES.get(module)
     if cached is not None and cached[0] == _GENERATION[0] and _same_nodes(posterior, cached[1]):
         return cached[2]
@@ -514,7 +519,8 @@ def _facts(module: nn.Module) -> _Facts:
     draw for one name reaches the other, so tied weights stay tied. ``attends`` is False only
     for modules made of ``torch.nn``'s own layers, none of them attention: any class of the
     user's (or of a library's) may call ``scaled_dot_product_attention``."""
-    cached = _FACTS.get(module)
+    compiling = torch.compiler.is_compiling()  # no cache there: see check_matches
+    cached = None if compiling else _FACTS.get(module)
     if cached is not None and cached[0] == _GENERATION[0]:
         return cached[1]
     seen: set[int] = set()
@@ -532,7 +538,8 @@ def _facts(module: nn.Module) -> _Facts:
                     seen.add(id(tensor))
                     count += 1
     facts = _Facts(len(seen) != count, attends)
-    _FACTS[module] = (_GENERATION[0], facts)
+    if not compiling:
+        _FACTS[module] = (_GENERATION[0], facts)
     return facts
 
 
@@ -540,7 +547,8 @@ def _layers(module: nn.Module) -> list[nn.Module]:
     """Every submodule once, the module first: ``modules()`` without its generators, kept
     until the structure moves (the submodules only: a value that held the module itself would
     keep its weak key alive)."""
-    cached = _LAYERS.get(module)
+    compiling = torch.compiler.is_compiling()  # no cache there: see check_matches
+    cached = None if compiling else _LAYERS.get(module)
     if cached is not None and cached[0] == _GENERATION[0]:
         return [module, *cached[1]]
     found, stack, seen = [], [module], set()
@@ -551,7 +559,8 @@ def _layers(module: nn.Module) -> list[nn.Module]:
         seen.add(id(layer))
         found.append(layer)
         stack.extend(child for child in layer._modules.values() if child is not None)
-    _LAYERS[module] = (_GENERATION[0], found[1:])
+    if not compiling:
+        _LAYERS[module] = (_GENERATION[0], found[1:])
     return found
 
 
