@@ -16,22 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from tbfunc import _threefry
-from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
-from tbfunc._dropout import active_dropout
-from tbfunc._forward import (
-    Weights,
+from tbfunc._boundary import (
     check_inputs,
     check_matches,
     check_modes,
-    concat,
     has_rnn,
     owner,
-    pin_fixed_rows,
-    run,
-    run_plain,
     tensor_leaves,
     weights_device,
 )
+from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
+from tbfunc._dropout import active_dropout
+from tbfunc._forward import Weights, concat, pin_fixed_rows, run, run_plain
 from tbfunc._sampling import hash32, sample_many, tracked
 from tbfunc.posterior import is_posterior
 

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from tbfunc import _threefry, random
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._concurrency import exclusive
-from tbfunc._forward import Strategy, rng_guard
+from tbfunc._forward import Strategy
 from tbfunc._predicting import check_args, choose, predict_keys, prepare
+from tbfunc._rng_guard import rng_guard
 
 __all__ = ["predict", "rank_key", "shard"]
 

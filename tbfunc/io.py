@@ -156,8 +156,9 @@ def load(
             )
         kinds[name] = allowed[family_id]
     posterior = from_state_dict(payload["state_dict"], family=kinds)
+    source = repr(os.fspath(path)) if isinstance(path, str | os.PathLike) else "the file"
     for name, node in posterior.items():  # a damaged file: rho shaped or typed unlike mu
-        check_node(node, f"{os.fspath(path)!r}: posterior[{name!r}]")
+        check_node(node, f"{source}: posterior[{name!r}]")
     if module is not None:
         check_against(module, posterior)
     return posterior

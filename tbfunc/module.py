@@ -19,10 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from tbfunc import _threefry
+from tbfunc._boundary import check_matches
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive_int, fail
 from tbfunc._concurrency import exclusive
-from tbfunc._forward import Strategy, check_matches, pin_fixed_rows, rng_guard, run
+from tbfunc._forward import Strategy, pin_fixed_rows, run
 from tbfunc._predicting import check_args, choose, draw, predict_keys, prepare
+from tbfunc._rng_guard import rng_guard
 from tbfunc._sampling import canonical, check_tree, hash32, sample_many
 from tbfunc.posterior import PretrainedGaussianPosterior, is_posterior, is_posterior_type
 

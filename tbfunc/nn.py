@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from tbfunc._boundary import check_matches
 from tbfunc._checks import fail
-from tbfunc._forward import check_matches
 from tbfunc.kl import kl_divergence
 from tbfunc.module import functional_call
 from tbfunc.objective import nelbo

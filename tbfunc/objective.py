@@ -17,18 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from tbfunc import _threefry
+from tbfunc._boundary import has_rnn
 from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 from tbfunc._concurrency import exclusive
-from tbfunc._forward import (
-    Strategy,
-    Weights,
-    has_rnn,
-    index,
-    pin_fixed_rows,
-    rng_guard,
-    run,
-)
+from tbfunc._forward import Strategy, Weights, index, pin_fixed_rows, run
 from tbfunc._predicting import dropout_keys, prepare
+from tbfunc._rng_guard import rng_guard
 from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
 from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 import tbfunc as tb
 from helpers import data, mlp, seeded
-from tbfunc import _forward
+from tbfunc import _forward, _structure
 
 KEY = tb.random.key(4)
 
@@ -121,10 +121,10 @@ def test_attention_switches_are_set_for_modules_that_may_attend_and_restored():
 
 
 def test_plain_torch_nn_models_are_left_alone():
-    assert not _forward._facts(mlp()).attends
-    assert _forward._facts(seeded(Attention)).attends
+    assert not _structure.module_facts(mlp()).attends
+    assert _structure.module_facts(seeded(Attention)).attends
     encoder = seeded(lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
-    assert _forward._facts(nn.Sequential(nn.Identity(), encoder)).attends
+    assert _structure.module_facts(nn.Sequential(nn.Identity(), encoder)).attends
 
 
 def test_a_forward_that_draws_and_then_raises_leaves_the_global_rng_as_it_was():
