@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -207,6 +207,14 @@ def check_inputs(args: Any, kwargs: Any, device: torch.device | None, entry: str
     vmap would otherwise compute with mismatched devices or return garbage (a meta input gives
     the sampled biases); integer tensors (lengths, indices) and scalars may stay on the CPU.
     """
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        fail(
+            "kwargs",
+            "a dict (or mapping) of keyword arguments or None",
+            kwargs,
+            "Pass positional inputs as a tuple in args.",
+            error=TypeError,
+        )
     for where, leaf in tensor_leaves(args, kwargs):
         if leaf.device.type == "meta" and (device is None or device.type != "meta"):
             fail(where, "a tensor with data", leaf, f"{entry} cannot run on meta tensors.")

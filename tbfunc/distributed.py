@@ -66,6 +66,9 @@ def shard(
         _check_initialized("shard")
         rank = dist.get_rank(group) if rank is None else rank
         world_size = dist.get_world_size(group) if world_size is None else world_size
+    world_size = check_positive_int(world_size, "world_size")
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        fail("rank", "an int", rank, error=TypeError)
     if not 0 <= rank < world_size:
         fail("rank", f"in [0, {world_size})", rank)
     base, extra = divmod(count, world_size)

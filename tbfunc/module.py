@@ -315,6 +315,8 @@ def _select(
         return set(params) if keep_if_none else set()
     if callable(selector):
         return {n for n, p in params.items() if selector(n, p)}
+    if not isinstance(selector, str | Sequence):
+        fail(arg, "a glob string, a list of them or a predicate", selector, error=TypeError)
     patterns = [selector] if isinstance(selector, str) else list(_as_patterns(selector, arg))
     matched: set[str] = set()
     for pattern in patterns:

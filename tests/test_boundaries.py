@@ -554,3 +554,46 @@ def test_load_refuses_a_file_whose_rho_is_shaped_unlike_mu(tmp_path):
         ValueError, match=r"posterior\['weight'\].rho must be a tensor like mu \(shape \(2, 3\)"
     ):
         tb.load(path)  # no module given: the file alone must be consistent
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (
+            lambda net, post: tb.from_module(net, include=5),
+            TypeError,
+            r"include must be a glob string, a list of them or a predicate, got int 5",
+        ),
+        (
+            lambda net, post: tb.from_module(net, exclude=2.0),
+            TypeError,
+            r"exclude must be a glob string, a list of them or a predicate, got float 2.0",
+        ),
+        (
+            lambda net, post: tb.predict(
+                net, post, tb.random.key(0), torch.ones(2, 3), (1, 2), num_samples=2
+            ),
+            TypeError,
+            r"kwargs must be a dict \(or mapping\) of keyword arguments or None, got an object of type tuple. Pass positional inputs as a tuple in args",
+        ),
+        (
+            lambda net, post: tb.distributed.shard(5, rank=0, world_size=0),
+            ValueError,
+            r"world_size must be a positive int \(>= 1\), got int 0",
+        ),
+        (
+            lambda net, post: tb.distributed.shard(5, rank=0.5, world_size=2),
+            TypeError,
+            r"rank must be an int, got float 0.5",
+        ),
+        (
+            lambda net, post: tb.distributed.shard(5, rank=2, world_size=2),
+            ValueError,
+            r"rank must be in \[0, 2\), got int 2",
+        ),
+    ],
+)
+def test_raw_errors_now_name_the_argument(call, error, message):
+    net, post = _tiny()
+    with pytest.raises(error, match=message):
+        call(net, post)
