@@ -30,6 +30,8 @@ def check_logits(logits: Any) -> Tensor:
         fail("logits", "a floating-point tensor of shape (S, ..., C)", logits, error=TypeError)
     if logits.shape[-1] < 2:
         fail("logits", "at least 2 classes on the last axis", logits)
+    if logits.numel() == 0:
+        fail("logits", "a tensor holding at least one sample and example", logits, "It is empty.")
     if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(
         logits
     ):

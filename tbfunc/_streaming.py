@@ -90,11 +90,13 @@ class Accumulator:
 
     @torch.no_grad()
     def update(self, logits: Tensor, target: Tensor) -> None:
-        """Add one batch: logits ``(S, ..., C)`` and integer targets ``(...)``."""
+        """Add one batch: logits ``(S, ..., C)`` and integer targets ``(...)`` (an empty batch
+        adds nothing)."""
+        if isinstance(logits, Tensor) and logits.dim() >= 2 and logits.numel() == 0:
+            core.check_target(target, logits)
+            return
         logits = core.check_logits(logits)
         target = core.check_target(target, logits)
-        if target.numel() == 0:
-            return
         logits = logits.detach()
         log_p = core.mixture(logits.to(torch.promote_types(logits.dtype, torch.float32)))
         classes = log_p.shape[-1]

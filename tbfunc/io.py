@@ -136,14 +136,22 @@ def load(
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
-            f"{os.fspath(path)!r} was refused: it holds more than tensors, strings and numbers "
+            f"{_describe_file(path)} was refused: it holds more than tensors, strings and numbers "
             f"(torch.load(weights_only=True) said: {str(error).splitlines()[0]})"
         ) from error
+    except (KeyError, EOFError, RuntimeError) as error:
+        # a text file (pickle reads its first byte as an opcode: KeyError 101), an empty or
+        # truncated file (EOFError, or the zip reader's RuntimeError)
+        detail = str(error).splitlines()[0] if str(error) else "no detail"
+        raise ValueError(
+            f"{_describe_file(path)} is not a tbfunc posterior file: it cannot be read as one "
+            f"({type(error).__name__}: {detail}). Was it written by tb.save, and copied whole?"
+        ) from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r} is not a tbfunc posterior file (no {FORMAT!r}).")
+        raise ValueError(f"{_describe_file(path)} is not a tbfunc posterior file (no {FORMAT!r}).")
     if payload.get("version") != VERSION:
         raise ValueError(
-            f"{os.fspath(path)!r} has format version {payload.get('version')!r}; "
+            f"{_describe_file(path)} has format version {payload.get('version')!r}; "
             f"this tbfunc reads version {VERSION}."
         )
     allowed = {**_BUILTIN, **{_family_id(kind): kind for kind in families}}
@@ -156,12 +164,15 @@ def load(
             )
         kinds[name] = allowed[family_id]
     posterior = from_state_dict(payload["state_dict"], family=kinds)
-    source = repr(os.fspath(path)) if isinstance(path, str | os.PathLike) else "the file"
     for name, node in posterior.items():  # a damaged file: rho shaped or typed unlike mu
-        check_node(node, f"{source}: posterior[{name!r}]")
+        check_node(node, f"{_describe_file(path)}: posterior[{name!r}]")
     if module is not None:
         check_against(module, posterior)
     return posterior
+
+
+def _describe_file(path: Any) -> str:
+    return repr(os.fspath(path)) if isinstance(path, str | os.PathLike) else "the file"
 
 
 def check_against(module: nn.Module, posterior: dict[str, Any]) -> None:

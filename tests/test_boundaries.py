@@ -597,3 +597,26 @@ def test_raw_errors_now_name_the_argument(call, error, message):
     net, post = _tiny()
     with pytest.raises(error, match=message):
         call(net, post)
+
+
+def test_unreadable_files_and_empty_batches_get_named_errors(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for path, why in ((text, r"KeyError: 101"), (empty, r"EOFError")):
+        with pytest.raises(
+            ValueError,
+            match=rf"is not a tbfunc posterior file: it cannot be read as one \({why}.*Was it written by tb.save",
+        ):
+            tb.load(path)
+    nothing = torch.zeros(2, 0, 3)
+    for metric in (tb.metrics.accuracy, tb.metrics.expected_calibration_error):
+        with pytest.raises(
+            ValueError,
+            match=r"logits must be a tensor holding at least one sample and example, got a tensor of shape \(2, 0, 3\).* It is empty",
+        ):
+            metric(nothing, torch.zeros(0, dtype=torch.long))
+    acc = tb.metrics.Accumulator()
+    acc.update(nothing, torch.zeros(0, dtype=torch.long))  # streaming: an empty batch adds nothing
+    assert acc.count == 0
