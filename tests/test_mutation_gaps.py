@@ -1,0 +1,108 @@
+"""Tests for bugs a mutation run of the suite left alive (issue 17), one per planted bug."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import tbfunc as tb
+from helpers import data, mlp, seeded
+from tbfunc import metrics as M
+
+
+class _TwoSites(nn.Module):
+    """Two dropout layers on the same ones: their masks must be drawn independently."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Dropout(0.5), nn.Dropout(0.5)
+
+    def forward(self, x):
+        return torch.stack([self.first(x), self.second(x)])
+
+
+def test_two_dropout_sites_in_one_forward_get_different_masks():
+    """Planted: the per-call counter not advancing, so every site reuses the first mask."""
+    net = _TwoSites().eval()
+    out = tb.functional_call(net, {}, tb.random.key(0), torch.ones(4000), dropout=True)
+    first, second = out[0] > 0, out[1] > 0
+    assert 0.45 < float(first.float().mean()) < 0.55  # each is a fair p=0.5 mask
+    agreement = float((first == second).float().mean())
+    # independent masks agree on half the units (sd 0.008 for 4000): 0.5 +- 0.05 fails with
+    # probability < 1e-9; a shared mask agrees everywhere
+    assert 0.45 < agreement < 0.55
+
+
+def test_reliability_bins_average_within_each_bin():
+    """Planted: per-bin confidence divided by the total count instead of the bin's."""
+    probs = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.55, 0.45], [0.52, 0.48], [0.9, 0.1]])
+    target = torch.tensor([0, 1, 0, 1, 0])
+    diagram = M.reliability_diagram(probs.log()[None], target, num_bins=2)
+    # bin (0.5, 1.0] holds all five: mean confidence of the five, accuracy 3/5
+    assert diagram.counts.tolist() == [0, 5]
+    assert float(diagram.confidence[1]) == pytest.approx((0.95 + 0.85 + 0.55 + 0.52 + 0.9) / 5)
+    assert float(diagram.accuracy[1]) == pytest.approx(3 / 5)
+    four = M.reliability_diagram(probs.log()[None], target, num_bins=4)  # (.5,.75], (.75,1]
+    assert four.counts.tolist() == [0, 0, 2, 3]
+    assert float(four.confidence[2]) == pytest.approx((0.55 + 0.52) / 2)
+    assert float(four.confidence[3]) == pytest.approx((0.95 + 0.85 + 0.9) / 3)
+
+
+def test_equal_mass_bins_do_not_depend_on_the_order_of_the_examples():
+    """Planted: the sorting permutation applied the wrong way round (index[order] swapped for
+    index = order-based), which only shows on inputs that are not already sorted."""
+    logits = 2.0 * data(1, 60, 4, seed=3)
+    target = (data(60, seed=4).abs() * 9).long() % 4
+    order = data(60, seed=5).argsort()
+    a = M.reliability_diagram(logits, target, num_bins=6, binning="mass")
+    b = M.reliability_diagram(logits[:, order], target[order], num_bins=6, binning="mass")
+    assert a.counts.tolist() == [10] * 6
+    torch.testing.assert_close(a.confidence, b.confidence)
+    torch.testing.assert_close(a.accuracy, b.accuracy)
+    # and each bin holds the 10 examples of its confidence rank, by hand
+    confidence = M.log_predictive(logits).exp().max(-1).values.double()
+    ranked = confidence.sort().values
+    for i in range(6):
+        assert float(a.confidence[i]) == pytest.approx(float(ranked[10 * i : 10 * i + 10].mean()))
+
+
+def test_posterior_module_forward_passes_dropout_on():
+    """Planted: PosteriorModule.forward dropping ``dropout=`` on its way to functional_call."""
+    net = seeded(lambda: nn.Sequential(nn.Linear(4, 64), nn.Dropout(0.5), nn.Linear(64, 2))).eval()
+    view = tb.PosteriorModule(net, tb.from_module(net, sigma_scale=0.01))
+    x, key = data(8, 4), tb.random.key(1)
+    with_dropout = view(x, key=key, dropout=True)
+    expected = tb.functional_call(net, view.posterior(), key, x, dropout=True)
+    torch.testing.assert_close(with_dropout, expected)
+    assert not torch.allclose(with_dropout, view(x, key=key))
+
+
+def test_the_kernel_and_the_tensor_op_fallback_agree_past_a_chunk_boundary():
+    """Planted: the fallback filling chunks one element short, or the kernel's fused affine
+    map reading eps at an offset: draws longer than one fallback chunk (65,536 blocks) must
+    be bit-equal both ways, for a whole tree and per node."""
+    from tbfunc import _native, _philox
+
+    if _native.kernel() is None:
+        pytest.skip("needs the C kernel")
+    count = 4 * _philox._CHUNK + 7  # values: past the first chunk of blocks, odd tail
+    fast = tb.random.normal(tb.random.key(5), (count,))
+    library = _native.kernel
+    try:
+        _native.kernel = lambda: None  # the fallback, as without a compiler
+        slow = tb.random.normal(tb.random.key(5), (count,))
+    finally:
+        _native.kernel = library
+    assert torch.equal(fast, slow)
+    # the fused mu + sigma * eps equals the affine map of the node's plain noise, bit for bit
+    # (an offset into eps would shift every value after it)
+    from tbfunc.module import _path_key
+
+    net = mlp((300, 700, 2))
+    post = tb.from_module(net, sigma_scale=0.3)
+    key = tb.random.key(6)
+    drawn = tb.sample(post, key)
+    for name, node in post.items():
+        eps = tb.random.normal(_path_key(key, name), node.mu.shape)
+        assert torch.equal(drawn[name], node.mu + node.sigma * eps), name
