@@ -4,8 +4,6 @@ functions, and the bounded memory they promise."""
 from __future__ import annotations
 
 import dataclasses
-import threading
-import time
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import tbfunc as tb
+from benchmarks.training import peak_memory
 from helpers import data, mlp, seeded
 from tbfunc import metrics as M
 
@@ -316,31 +315,6 @@ def test_evaluate_progress_line(capsys):
     assert capsys.readouterr().err == ""
 
 
-def _peak_rss_growth(run) -> int:
-    """The largest resident-set growth while ``run()`` runs, sampled every millisecond."""
-    page = 4096
-
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * page
-
-    base, peak, done = rss(), [0], threading.Event()
-
-    def watch():
-        while not done.is_set():
-            peak[0] = max(peak[0], rss() - base)
-            time.sleep(0.001)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        run()
-    finally:
-        done.set()
-        watcher.join()
-    return max(peak[0], rss() - base)
-
-
 def test_evaluate_memory_stays_below_the_whole_sets_logits():
     """W1-sized inputs (784 features), S=64, 50k examples, 10 classes: the whole set's logits
     alone are 64 x 50,000 x 10 float32 = 122 MiB; the streaming run must stay far below."""
@@ -357,8 +331,9 @@ def test_evaluate_memory_stays_below_the_whole_sets_logits():
     key = tb.random.key(0)
     for _ in range(2):  # the allocator's first growth (and auto's timing) is not per example
         tb.evaluate(net, post, key, batches(5_000), num_samples=num_samples, progress=False)
-    growth = _peak_rss_growth(
-        lambda: tb.evaluate(net, post, key, batches(), num_samples=num_samples, progress=False)
+    growth = peak_memory(  # the scoreboard's measure: peak resident set, reset before the run
+        lambda: tb.evaluate(net, post, key, batches(), num_samples=num_samples, progress=False),
+        torch.device("cpu"),
     )
     assert growth < logits_bytes / 2, (growth / 2**20, logits_bytes / 2**20)
 
