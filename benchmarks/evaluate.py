@@ -16,10 +16,9 @@ so the data set itself never sits in memory in either route.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from benchmarks.training import run_in_child
 
 CHILD = """
 import time, torch, tbfunc as tb
@@ -65,12 +64,7 @@ def measure(route: str, args: argparse.Namespace) -> tuple[int, float]:
         samples=args.samples,
         chunk=args.chunk,
     )
-    # large blocks straight from mmap: freed memory leaves the resident set at once
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
-    )
-    peak, seconds = out.stdout.split()[-2:]
+    peak, seconds = run_in_child(code).split()[-2:]
     return int(peak), float(seconds)
 
 

@@ -203,13 +203,18 @@ def peak_memory_in_child(workload: str, chunk: int | None, samples: int, batch: 
         f"print(peak_memory(lambda: tb.predict(m, p, k, x, num_samples={samples},"
         f" chunk_size={chunk}), torch.device('cpu')))"
     )
-    # large blocks straight from mmap, so freed memory leaves the resident set and the peak
-    # resident set measures what predict itself holds
+    return int(run_in_child(code).split()[-1])
+
+
+def run_in_child(code: str) -> str:
+    """The stdout of ``code`` run in a fresh interpreter whose large blocks come straight from
+    mmap, so freed memory leaves the resident set and the peak resident set measures what the
+    measured call itself holds."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
-    return int(out.stdout.split()[-1])
+    return out.stdout
 
 
 def _adam_step(
