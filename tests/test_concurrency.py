@@ -174,3 +174,25 @@ def test_a_dataloader_with_two_workers_draws_with_two_threads_each():
         assert list(loader) == expected
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_shared_switch_is_restored_by_its_last_holder_only():
+    """Planted: restoring on every release (no count), which turns the setting back while
+    another thread's vmapped attention still needs it."""
+    from tbfunc._concurrency import SharedSwitch
+
+    state = {"on": True}
+    switch = SharedSwitch(
+        lambda: state["on"], lambda: state.update(on=False), lambda v: state.update(on=v)
+    )
+    switch.turn()
+    switch.turn()  # a second thread
+    assert state["on"] is False
+    switch.release()
+    assert state["on"] is False  # still held
+    switch.release()
+    assert state["on"] is True  # the last holder put it back
+    state["on"] = False  # set by the user between holds: the next hold saves and restores it
+    switch.turn()
+    switch.release()
+    assert state["on"] is False
