@@ -115,7 +115,12 @@ def _one(
     slots: list[tuple[dict, str]] | None = None,
 ) -> Any:
     """Sample ``i`` alone: its weights, and its dropout masks if any."""
-    params = {name: value[i] for name, value in weights.tensors.items()}
+    # a lone sample by squeeze, a view whose backward is a view too; indexing's backward
+    # writes a zero tensor of the whole stack and copies the gradient into it
+    params = {
+        name: value.squeeze(0) if weights.samples == 1 else value[i]
+        for name, value in weights.tensors.items()
+    }
     with keyed_dropout(None if weights.dropout is None else weights.dropout[i]):
         return _call(module, params, args, kwargs, slots)
 

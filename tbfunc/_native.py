@@ -1,5 +1,5 @@
-"""The CPU noise kernel (``_noise.c``): built once per machine with the system C compiler,
-cached on disk, loaded with ``ctypes``.
+"""The CPU kernels (noise: ``_noise.c``; training steps: ``_train.c``): built once per machine
+with the system C compiler, cached on disk, loaded with ``ctypes``.
 
 Why a kernel of our own: PyTorch's CPU generator keeps 32 bits of a seed and must be reseeded
 per segment from Python (some 7 µs each), while a model's noise is one segment per (node,
@@ -33,7 +33,9 @@ from typing import Any
 
 __all__ = ["kernel"]
 
-_SOURCE = Path(__file__).with_name("_noise.c")
+# the noise kernel, the training kernels and the polynomials both use: one library
+_SOURCES = [Path(__file__).with_name(name) for name in ("_noise.c", "_train.c")]
+_HEADERS = [Path(__file__).with_name("_cephes.h")]
 # -ffp-contract=off: no FMA contraction, so the vectorised and scalar code and tbfunc._philox
 # round alike. -fno-trapping-math lets the compiler vectorise the selects (it only drops the
 # promise about floating-point exception flags); no -ffast-math, which would reorder.
@@ -89,7 +91,16 @@ def kernel() -> ctypes.CDLL | None:
     return library
 
 
-_SYMBOLS = ("tb_fill", "tb_fold_in", "tb_split", "tb_philox")
+_SYMBOLS = (
+    "tb_fill",
+    "tb_fold_in",
+    "tb_split",
+    "tb_philox",
+    "tb_draw_grad",
+    "tb_kl",
+    "tb_kl_grad",
+    "tb_adam",
+)
 
 
 def _load(path: Path) -> ctypes.CDLL | None:
@@ -98,7 +109,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(path))
     if not all(hasattr(library, name) for name in _SYMBOLS):
         return None
-    library.tb_fill.argtypes = [_I32, _I32, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P]
+    library.tb_fill.argtypes = [_I32, _I32, _P, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P]
     library.tb_fill.restype = None
     library.tb_fold_in.argtypes = [_I64, _P, _P]
     library.tb_fold_in.restype = None
@@ -106,6 +117,14 @@ def _load(path: Path) -> ctypes.CDLL | None:
     library.tb_split.restype = None
     library.tb_philox.argtypes = [_I64, _I64, _I64, _P]
     library.tb_philox.restype = None
+    library.tb_draw_grad.argtypes = [_I32, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64]
+    library.tb_kl.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P]
+    library.tb_kl_grad.argtypes = [
+        *(_I32, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64)
+    ]
+    library.tb_adam.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
+    for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam"):
+        getattr(library, name).restype = None
     return library
 
 
@@ -146,7 +165,8 @@ def _cached(command: list[str], version: str) -> tuple[Path, str]:
 
 def _built(command: list[str], version: str, flags: list[str]) -> tuple[Path, str]:
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_text(), " ".join(command), version, " ".join(flags)):
+    sources = [path.read_text() for path in (*_SOURCES, *_HEADERS)]
+    for part in (*sources, " ".join(command), version, " ".join(flags)):
         digest.update(part.encode())
     digest.update(_cpu_fingerprint().encode())
     name = f"noise-{digest.hexdigest()[:20]}.so"
@@ -164,7 +184,7 @@ def _built(command: list[str], version: str, flags: list[str]) -> tuple[Path, st
     os.close(handle)
     try:
         subprocess.run(
-            [*command, *flags, str(_SOURCE), "-o", partial],
+            [*command, *flags, *map(str, _SOURCES), "-o", partial],
             capture_output=True,
             text=True,
             check=True,

@@ -25,6 +25,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include "_cephes.h"
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -135,19 +137,8 @@ void tb_philox(int64_t k0, int64_t k1, int64_t block, int64_t *out) {
     for (int j = 0; j < 4; j++) out[j] = x[j][0];
 }
 
-/* Constants: float32 values, spelled in hex so that tbfunc._philox uses the very same ones. */
-#define SQRT_HALF 0x1.6a09e6p-1f
-#define LOG_P0 0x1.204376p-4f /* Cephes logf: 7.0376836292E-2, ... */
-#define LOG_P1 -0x1.d7a37p-4f
-#define LOG_P2 0x1.de4a34p-4f
-#define LOG_P3 -0x1.fcba9ep-4f
-#define LOG_P4 0x1.23d37ep-3f
-#define LOG_P5 -0x1.555cap-3f
-#define LOG_P6 0x1.999d58p-3f
-#define LOG_P7 -0x1.fffff8p-3f
-#define LOG_P8 0x1.555554p-2f
-#define LN2_LO -0x1.bd0106p-13f
-#define LN2_HI 0x1.63p-1f
+/* Constants: float32 values, spelled in hex so that tbfunc._philox uses the very same ones
+ * (the log's are in _cephes.h, shared with the training kernels). */
 #define SIN_P0 -0x1.9943f2p-13f
 #define SIN_P1 0x1.11073cp-7f
 #define SIN_P2 -0x1.555546p-3f
@@ -156,37 +147,9 @@ void tb_philox(int64_t k0, int64_t k1, int64_t block, int64_t *out) {
 #define COS_P2 0x1.55554ap-5f
 #define OCTANT_STEP 0x1.921fb6p-30f /* (pi / 4) / 2**29 */
 
-typedef union {
-    float f;
-    int32_t i;
-} word32;
-
 static inline float radius(uint32_t word) {
     /* sqrt(-2 ln u), u = (word >> 1) * 2**-31 + 2**-32 in (0, 1] */
-    word32 u = {.f = (float)(int32_t)(word >> 1) * 0x1p-31f + 0x1p-32f};
-    int32_t e = (u.i >> 23) - 126; /* u = m * 2**e, m in [0.5, 1) */
-    word32 m = {.i = (u.i & 0x007FFFFF) | 0x3F000000};
-    int32_t below = m.f < SQRT_HALF;
-    float wide = (m.f + m.f) - 1.0f, narrow = m.f - 1.0f;
-    float x = below ? wide : narrow;
-    e = e - below;
-    float z = x * x;
-    float y = LOG_P0;
-    y = y * x + LOG_P1;
-    y = y * x + LOG_P2;
-    y = y * x + LOG_P3;
-    y = y * x + LOG_P4;
-    y = y * x + LOG_P5;
-    y = y * x + LOG_P6;
-    y = y * x + LOG_P7;
-    y = y * x + LOG_P8;
-    y = y * x * z;
-    float fe = (float)e;
-    y = y + LN2_LO * fe;
-    y = y + -0.5f * z;
-    x = x + y;
-    x = x + LN2_HI * fe; /* ln u <= 0 */
-    return __builtin_sqrtf(-2.0f * x);
+    return __builtin_sqrtf(-2.0f * ln32((float)(int32_t)(word >> 1) * 0x1p-31f + 0x1p-32f));
 }
 
 static inline void polar(uint32_t word, float r, float *cos_out, float *sin_out) {
@@ -244,7 +207,7 @@ static void batch(int uniform, uint32_t k0, uint32_t k1, uint64_t first, int cou
 
 /* Elements [a, b) of one segment, written to dst[0 .. b-a). */
 static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a, int64_t b,
-                    void *dst, const void *mu, const void *sigma) {
+                    void *dst, const void *mu, const void *sigma, void *eps_dst) {
     float eps[4 * BLOCKS];
     int64_t first = a / 4;
     while (a < b) {
@@ -260,6 +223,7 @@ static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a,
                 float t = s[i] * eps[lo + i];
                 o[i] = m[i] + t;
             }
+            if (eps_dst) memcpy(eps_dst, eps + lo, (size_t)n * sizeof(float));
         } else if (dtype == 0) {
             memcpy(dst, eps + lo, (size_t)n * sizeof(float));
         } else if (mu) {
@@ -269,11 +233,16 @@ static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a,
                 double t = s[i] * (double)eps[lo + i];
                 o[i] = m[i] + t;
             }
+            if (eps_dst) {
+                double *e = (double *)eps_dst;
+                for (int64_t i = 0; i < n; i++) e[i] = (double)eps[lo + i];
+            }
         } else {
             double *o = (double *)dst;
             for (int64_t i = 0; i < n; i++) o[i] = (double)eps[lo + i];
         }
         dst = (char *)dst + n * (dtype == 0 ? 4 : 8);
+        if (eps_dst) eps_dst = (char *)eps_dst + n * (dtype == 0 ? 4 : 8);
         a += n;
         first += BLOCKS;
     }
@@ -281,11 +250,12 @@ static void segment(int uniform, int dtype, uint32_t k0, uint32_t k1, int64_t a,
 
 /* Write elements [begin, end) of the virtual concatenation of all segments, (l, s) in
  * node-major order. Segment (l, s) goes to address outs[l] + s * strides[l] elements (strides
- * NULL: numels[l], the node's segments back to back). */
+ * NULL: numels[l], the node's segments back to back). With eps_outs (and mus), the noise
+ * itself also goes to eps_outs[l] + s * numels[l], for a backward pass that needs it. */
 void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, const int64_t *strides,
              int64_t begin, int64_t end, int64_t samples, const int64_t *keys, int64_t nodes,
              const int64_t *hashes, const int64_t *numels, const int64_t *mus,
-             const int64_t *sigmas) {
+             const int64_t *sigmas, const int64_t *eps_outs) {
     int64_t start = 0;
     size_t width = dtype == 0 ? 4 : 8;
     for (int64_t l = 0; l < nodes && start < end; l++) {
@@ -304,8 +274,9 @@ void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, const int64_t 
             }
             const void *mu = mus ? (const void *)(intptr_t)mus[l] : 0;
             const void *sigma = sigmas ? (const void *)(intptr_t)sigmas[l] : 0;
+            char *eps = eps_outs ? (char *)(intptr_t)eps_outs[l] + (s * n + a) * (int64_t)width : 0;
             segment(uniform, dtype, (uint32_t)word[0], (uint32_t)word[1], a, b,
-                    out + (s * stride + a) * (int64_t)width, mu, sigma);
+                    out + (s * stride + a) * (int64_t)width, mu, sigma, eps);
         }
     }
 }

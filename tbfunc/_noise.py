@@ -27,22 +27,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import itertools
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from tbfunc import _native, _philox, _threefry
+from tbfunc import _native, _parallel, _philox, _threefry
 
-__all__ = ["gaussian", "noise"]
+__all__ = ["gaussian", "gaussian_with_noise", "noise"]
 
-_PARALLEL_MIN_NUMEL = 1 << 16  # below this, handing work to threads costs more than it saves
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_PARALLEL_MIN_NUMEL = _parallel.PARALLEL_MIN_NUMEL  # tests lower it to split tiny draws
 _generators = threading.local()
 
 
@@ -87,6 +82,32 @@ def gaussian(
         value = mu + sigma * (eps.view(mu.shape) if count == 1 else eps.view(count, *mu.shape))
         draws.append(value[None] if count == 1 else value)
     return draws
+
+
+def gaussian_with_noise(
+    keys: Tensor, hashes: list[int] | None, mus: list[Tensor], sigmas: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``gaussian``'s draws by the CPU kernel, and the noise ``eps`` that made them (for a
+    backward pass), in one pass. CPU float32/float64 with the kernel built; no checks."""
+    count = keys.shape[0]
+    dtype = mus[0].dtype
+    mus = [m.contiguous() for m in mus]
+    sigmas = [s.contiguous() for s in sigmas]
+    outs = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
+    noise = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
+    _fill_native(
+        _native.kernel(),
+        dtype,
+        [out.data_ptr() for out in outs],
+        keys,
+        hashes,
+        [m.numel() for m in mus],
+        False,
+        mus,
+        sigmas,
+        eps_outs=[eps.data_ptr() for eps in noise],
+    )
+    return outs, noise
 
 
 def _samples(keys: Tensor, hashes: list[int] | None, numels: list[int]) -> int:
@@ -168,10 +189,12 @@ def _fill_native(
     mus: list[Tensor] | None,
     sigmas: list[Tensor] | None,
     strides: list[int] | None = None,
+    eps_outs: list[int] | None = None,
 ) -> None:
     """Node ``l``'s segment ``s`` at address ``outs[l]`` plus ``s * strides[l]`` elements
     (default ``numels[l]``) of ``dtype``; one kernel call per thread, each writing a
-    contiguous run of the concatenated segments."""
+    contiguous run of the concatenated segments. With ``eps_outs`` (and ``mus``) the noise
+    itself also goes to ``eps_outs[l]`` plus ``s * numels[l]`` elements."""
     keys = keys.contiguous()
     samples = _samples(keys, hashes, numels)
     nodes = len(numels)
@@ -183,6 +206,7 @@ def _fill_native(
     numel_table = table(*numels)
     mu_table = table(*[m.data_ptr() for m in mus]) if mus is not None else None
     sigma_table = table(*[s.data_ptr() for s in sigmas]) if sigmas is not None else None
+    eps_table = table(*eps_outs) if eps_outs is not None else None
     kind = 0 if dtype == torch.float32 else 1
     total = samples * sum(numels)
 
@@ -201,17 +225,10 @@ def _fill_native(
             numel_table,
             mu_table,
             sigma_table,
+            eps_table,
         )
 
-    workers = min(torch.get_num_threads(), total // _PARALLEL_MIN_NUMEL)
-    if workers < 2:
-        run(0, total)
-        return
-    bounds = [total * part // workers for part in range(workers + 1)]
-    futures = [_thread_pool().submit(run, a, b) for a, b in itertools.pairwise(bounds[1:])]
-    run(bounds[0], bounds[1])
-    for future in futures:
-        future.result()
+    _parallel.split(total, run, _PARALLEL_MIN_NUMEL)
 
 
 def _fill_with_generator(
@@ -230,27 +247,6 @@ def _fill_with_generator(
             segment.normal_(generator=generator)
         offset += count
     return out
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        with _pool_lock:
-            if _pool is None:
-                _pool = ThreadPoolExecutor(
-                    max_workers=os.cpu_count() or 2, thread_name_prefix="tbfunc"
-                )
-    return _pool
-
-
-def _forget_pool_in_child() -> None:
-    """A forked child inherits the pool object but none of its threads: work submitted to it
-    would wait forever. The child makes its own on its first parallel draw."""
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _generator(device: torch.device) -> torch.Generator:

@@ -15,7 +15,7 @@ import optree
 import torch
 from torch import Tensor
 
-from tbfunc import _noise, _threefry
+from tbfunc import _fused, _noise, _threefry
 from tbfunc._checks import fail, is_wrapped
 from tbfunc.posterior import GAUSSIAN_FAMILIES, check_node, is_posterior
 
@@ -207,12 +207,17 @@ def sample_many(
         node_keys = keys if hashes is None else _threefry.fold_in_hashes(keys, [hashes[index]])[0]
         drawn[index] = torch.stack([leaves[index].sample(k) for k in node_keys])
     for members in groups.values():
-        draws = _noise.gaussian(
-            keys,
-            None if hashes is None else [hashes[i] for i in members],
-            [leaves[i].mu for i in members],
-            [leaves[i].sigma if sigmas is None else sigmas[i] for i in members],
-        )
+        member_hashes = None if hashes is None else [hashes[i] for i in members]
+        mus = [leaves[i].mu for i in members]
+        rhos = [leaves[i].rho for i in members]
+        if _fused.trainable(mus + rhos):
+            # the same bits as below; the backward to mu and rho is one pass (_fused)
+            with torch.no_grad():
+                values = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
+            draws = _fused.draw(keys, member_hashes, mus, rhos, values)
+        else:
+            values = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
+            draws = _noise.gaussian(keys, member_hashes, mus, values)
         for i, value in zip(members, draws, strict=True):
             drawn[i] = value
     return optree.tree_unflatten(spec, drawn)

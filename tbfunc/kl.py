@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tbfunc import _threefry
+from tbfunc import _fused, _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, fail
 from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
@@ -116,6 +116,9 @@ def closed_form_kl(posterior: Any, prior: Any, sigmas: list[Tensor] | None = Non
     that already computed them for sampling (``nelbo``) does not pay for softplus twice.
     """
     _, nodes, priors = _pair_with_priors(posterior, prior)
+    fused = _fused_kl(nodes, priors, sigmas)
+    if fused is not None:
+        return fused
     terms = []
     for i, (node, p) in enumerate(zip(nodes, priors, strict=True)):
         sigma = node.sigma if sigmas is None else sigmas[i]
@@ -126,6 +129,28 @@ def closed_form_kl(posterior: Any, prior: Any, sigmas: list[Tensor] | None = Non
             _check_positive(p.b, "prior.b")
             terms.append(gaussian_laplace_kl(node.mu, node.rho, p.mu, p.b).sum())
     return _total(terms)
+
+
+def _fused_kl(nodes: list[Any], priors: list[Any], sigmas: list[Tensor] | None) -> Tensor | None:
+    """The KL by the CPU kernels (one pass forward, one backward), or None where they do not
+    serve: Gaussian nodes of one dtype under Gaussian priors that are numbers or tensors shaped
+    like ``mu`` (and not trained), in eager code (``_fused``)."""
+    if not nodes or not all(
+        isinstance(n, GAUSSIAN_FAMILIES) and isinstance(p, GaussianPrior)
+        for n, p in zip(nodes, priors, strict=True)
+    ):
+        return None
+    mus, rhos = [n.mu for n in nodes], [n.rho for n in nodes]
+    if not _fused.eager(mus + rhos):
+        return None
+    terms = [_fused.prior_terms(n.mu, p.mu, p.sigma) for n, p in zip(nodes, priors, strict=True)]
+    if any(t is None for t in terms):
+        return None
+    for p in priors:
+        _check_positive(p.sigma, "prior.sigma")
+    with torch.no_grad():
+        values = [n.sigma for n in nodes] if sigmas is None else sigmas
+    return _fused.gaussian_kl(mus, rhos, values, terms)  # type: ignore[arg-type]
 
 
 def kl_from_draws(posterior: Any, prior: Any, draws: Any, *, stop_gradient: bool = False) -> Tensor:
@@ -177,7 +202,10 @@ def gaussian_kl(
     wide = accumulation_dtype(mu.dtype)
     mu, rho = mu.to(wide), rho.to(wide)
     # a half-precision softplus would cost the sum 1e-4 of its value: recompute it widened
-    sigma = F.softplus(rho) if sigma is None or sigma.dtype != wide else sigma
+    # (and a sigma given without its graph, under autograd: rho's gradient needs it)
+    detached = sigma is not None and rho.requires_grad and not sigma.requires_grad
+    if sigma is None or sigma.dtype != wide or (detached and torch.is_grad_enabled()):
+        sigma = F.softplus(rho)
     prior_mu = torch.as_tensor(prior_mu, dtype=wide, device=mu.device)
     prior_sigma = torch.as_tensor(prior_sigma, dtype=wide, device=mu.device)
     if torch.compiler.is_compiling():

@@ -137,7 +137,8 @@ def sample(posterior: Any, key: Tensor, *, num_samples: int | None = None) -> An
     key = check_key(key)
     count = check_optional_positive_int(num_samples, "num_samples")
     if count is None:
-        return optree.tree_map(lambda x: x[0], sample_many(posterior, key[None]))
+        # squeeze, not [0]: a view whose backward writes no zero tensor
+        return optree.tree_map(lambda x: x.squeeze(0), sample_many(posterior, key[None]))
     return sample_many(posterior, _threefry.split(key, count))
 
 

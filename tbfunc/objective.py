@@ -8,6 +8,7 @@ size, not the batch size) and every minibatch's ``nelbo`` estimates ``-ELBO / N`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any, Literal
@@ -16,7 +17,7 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from tbfunc import _threefry
+from tbfunc import _fused, _threefry
 from tbfunc._boundary import has_rnn
 from tbfunc._checks import check_key, check_positive_int, fail, is_wrapped
 from tbfunc._concurrency import exclusive
@@ -110,11 +111,13 @@ def nelbo(
                 loss = -per_point.mean(dtype=accumulation_dtype(per_point.dtype))
             return loss.to(accumulation_dtype(loss.dtype))
 
-        # softplus(rho) once per node, shared by the draws and the closed-form KL
+        # softplus(rho) once per node, shared by the draws and the closed-form KL; without
+        # its graph where both take the fused route, whose backward reaches rho directly
         leaves = optree.tree_leaves(posterior, is_leaf=is_posterior)  # type: ignore[arg-type]
-        sigmas = {
-            i: leaf.sigma for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)
-        }
+        gaussian = {i: leaf for i, leaf in enumerate(leaves) if isinstance(leaf, GAUSSIAN_FAMILIES)}
+        fused = _fused.trainable([t for leaf in gaussian.values() for t in (leaf.mu, leaf.rho)])
+        with torch.no_grad() if fused else contextlib.nullcontext():
+            sigmas = {i: leaf.sigma for i, leaf in gaussian.items()}
         sample_keys = _threefry.split(key, count)
         draws = sample_many(posterior, sample_keys, sigmas, check=False, validated=True)
         pinned = pin_fixed_rows(module, names, draws)
@@ -126,8 +129,9 @@ def nelbo(
         with rng_guard("nelbo", device):
             if strategy == "loop" or count == 1:
                 # one forward and loss at a time: the activations of one draw at a time
+                parts = _unbind(weights)
                 losses = [
-                    batch_nll(run(module, _one(weights, s), args, kwargs, "single", "nelbo"))
+                    batch_nll(run(module, parts[s], args, kwargs, "single", "nelbo"))
                     for s in range(count)
                 ]
             else:
@@ -170,9 +174,21 @@ def _nelbo_strategy(
     return "loop" if has_rnn(module) else "vmap"
 
 
-def _one(weights: Weights, s: int) -> Weights:
-    masks = None if weights.dropout is None else weights.dropout[s : s + 1]
-    return Weights({name: value[s : s + 1] for name, value in weights.tensors.items()}, 1, masks)
+def _unbind(weights: Weights) -> list[Weights]:
+    """One ``Weights`` per draw. By ``unbind`` (one backward that stacks the gradients) and
+    ``unsqueeze`` (a view): slicing each draw out would make every draw's backward write a
+    zero tensor of the whole stack."""
+    if weights.samples == 1:
+        return [weights]
+    parts = {name: value.unbind(0) for name, value in weights.tensors.items()}
+    return [
+        Weights(
+            {name: part[s].unsqueeze(0) for name, part in parts.items()},
+            1,
+            None if weights.dropout is None else weights.dropout[s : s + 1],
+        )
+        for s in range(weights.samples)
+    ]
 
 
 def parameters(posterior: Any) -> list[Tensor]:

@@ -1,0 +1,321 @@
+"""The fused training route on the CPU: the draw and the closed-form KL as autograd functions
+whose backward is one C pass each (``_train.c``), and Adam in one pass.
+
+Unfused, a Bayes-by-Backprop step makes a dozen memory-bound passes over the posterior besides
+the model's own forward and backward: ``softplus``, the affine map, the KL's terms and the
+backward of each, then Adam over twice the tensors. Here the draw writes ``mu + sigma * eps``
+and keeps ``eps`` (the noise kernel, one pass); its backward turns the weight gradient ``g``
+into ``d/d mu = sum_s g_s`` (``g`` itself for one draw: no pass) and
+``d/d rho = sum_s g_s eps_s sigmoid(rho)`` (one pass); the KL's value and gradient are one
+pass each; Adam is one pass.
+
+The route serves plain eager autograd on CPU float32/float64 tensors with the kernels built.
+Under ``torch.compile``, ``torch.func`` transforms and forward-mode AD, on other devices or
+without a C compiler, callers keep the tensor-op route (``trainable`` is False there), which
+gives the same values to rounding. A backward run with ``create_graph=True`` computes the same
+formulas in tensor ops, so double backward still works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from tbfunc import _native, _noise, _parallel
+
+__all__ = ["PriorTerms", "adam_step", "draw", "gaussian_kl", "prior_terms", "trainable"]
+
+_TYPES = (torch.float32, torch.float64)
+_SMALL_RHO = -20.0  # as in kl.py and _train.c: below it log(softplus(rho)) is rho
+
+
+def eager(tensors: Sequence[Tensor]) -> bool:
+    """Plain eager CPU float32/float64 tensors of one dtype, with the kernels built: no
+    compiler, no ``torch.func`` transform and no forward-mode AD around them."""
+    if not tensors or torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return False
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if type(t) not in (Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != dtype:
+            return False
+    return dtype in _TYPES and _native.kernel() is not None
+
+
+def trainable(tensors: Sequence[Tensor]) -> bool:
+    """``eager`` and recorded by autograd: the draw's fused backward applies."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return False
+    return eager(tensors)
+
+
+def _table(values: Sequence[int]) -> Any:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _addresses(tensors: Sequence[Tensor | None]) -> Any:
+    return _table([0 if t is None else t.data_ptr() for t in tensors])
+
+
+def _kind(dtype: torch.dtype) -> int:
+    return 0 if dtype == torch.float32 else 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The draw
+
+
+def draw(
+    keys: Tensor,
+    hashes: list[int] | None,
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    sigmas: list[Tensor],
+) -> list[Tensor]:
+    """``mu + sigma * eps`` per node, ``(S, *mu.shape)``, keyed as ``_noise.gaussian`` keys
+    it (the same bits), with the fused backward to ``mu`` and ``rho``; ``sigmas`` are
+    ``softplus(rho)``, detached."""
+    count = len(mus)
+    return list(_Draw.apply(keys, hashes, [s.detach() for s in sigmas], count, *mus, *rhos))
+
+
+class _Draw(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, keys: Tensor, hashes: Any, sigmas: list[Tensor], count: int, *tensors: Tensor
+    ) -> tuple[Tensor, ...]:  # type: ignore[override]  # noqa: E501
+        mus, rhos = tensors[:count], [r.contiguous() for r in tensors[count:]]
+        draws, noise = _noise.gaussian_with_noise(keys, hashes, list(mus), sigmas)
+        ctx.save_for_backward(*rhos, *noise)
+        ctx.count = count
+        return tuple(draws)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        count = ctx.count
+        saved = ctx.saved_tensors
+        rhos, noise = saved[:count], saved[count:]
+        grad_mus: list[Tensor | None] = [None] * count
+        grad_rhos: list[Tensor | None] = [None] * count
+        live = [i for i in range(count) if grads[i] is not None]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable tensor ops
+            for i in live:
+                g = grads[i]
+                grad_mus[i] = g.sum(0)
+                grad_rhos[i] = (g * noise[i]).sum(0) * torch.sigmoid(rhos[i])
+        elif live:
+            gs = [grads[i].contiguous() for i in live]  # type: ignore[union-attr]
+            samples = gs[0].shape[0]
+            for i in live:
+                grad_rhos[i] = torch.empty_like(rhos[i])
+                grad_mus[i] = torch.empty_like(rhos[i]) if samples > 1 else None
+            _draw_grad(
+                gs, [noise[i] for i in live], [rhos[i] for i in live],
+                [grad_mus[i] for i in live], [grad_rhos[i] for i in live], samples,
+            )  # fmt: skip
+            if samples == 1:  # one draw: mu's gradient is the weight gradient itself
+                for i, g in zip(live, gs, strict=True):
+                    grad_mus[i] = g.view(rhos[i].shape)
+        return (None, None, None, None, *grad_mus, *grad_rhos)
+
+
+def _draw_grad(
+    grads: list[Tensor],
+    noise: list[Tensor],
+    rhos: list[Tensor],
+    grad_mus: list[Tensor | None],
+    grad_rhos: list[Tensor | None],
+    samples: int,
+) -> None:
+    library = _native.kernel()
+    numels = [r.numel() for r in rhos]
+    tables = [_table(numels), *(_addresses(t) for t in (grads, noise, rhos, grad_mus, grad_rhos))]
+    kind = _kind(rhos[0].dtype)
+
+    def run(begin: int, end: int) -> None:
+        library.tb_draw_grad(kind, len(rhos), tables[0], samples, *tables[1:], begin, end)
+
+    _parallel.split(sum(numels), run)
+
+
+# ----------------------------------------------------------------------------------------------
+# The closed-form Gaussian KL
+
+
+class PriorTerms(NamedTuple):
+    """A Gaussian prior's centre and scale for one node, as the kernels take them: a tensor
+    shaped like ``mu`` (contiguous, its dtype) or None with the scalar in ``*_value``."""
+
+    mean: Tensor | None
+    mean_value: float
+    scale: Tensor | None
+    scale_value: float
+
+
+def prior_terms(mu: Tensor, mean: Any, scale: Any) -> PriorTerms | None:
+    """The kernels' form of ``N(mean, scale^2)`` for ``mu``, or None where they do not serve
+    (a broadcast shape, another dtype or device, a prior that is itself trained)."""
+    parts: list[Any] = []
+    for value in (mean, scale):
+        if isinstance(value, bool):
+            return None
+        if isinstance(value, int | float):
+            parts += [None, float(value)]
+        elif isinstance(value, Tensor) and not value.requires_grad and type(value) is Tensor:
+            if value.numel() == 1 and value.dim() <= mu.dim() and value.device == mu.device:
+                parts += [None, float(value)]
+            elif value.shape == mu.shape and value.dtype == mu.dtype and value.device == mu.device:
+                parts += [value.contiguous(), 0.0]
+            else:
+                return None
+        else:
+            return None
+    return PriorTerms(*parts)
+
+
+def gaussian_kl(
+    mus: list[Tensor], rhos: list[Tensor], sigmas: list[Tensor], priors: list[PriorTerms]
+) -> Tensor:
+    """``sum KL(N(mu, sigma^2) || N(m, s^2))`` over all nodes, accumulated in float64 and
+    returned in the nodes' dtype, with the fused backward to every ``mu`` and ``rho``."""
+    count = len(mus)
+    sigmas = [s.detach().contiguous() for s in sigmas]
+    return _KL.apply(sigmas, priors, count, *mus, *rhos)
+
+
+class _KL(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, sigmas: list[Tensor], priors: list[PriorTerms], count: int, *tensors: Tensor
+    ) -> Tensor:  # type: ignore[override]  # noqa: E501
+        mus = [t.contiguous() for t in tensors[:count]]
+        rhos = [t.contiguous() for t in tensors[count:]]
+        ctx.save_for_backward(*mus, *rhos, *sigmas)
+        ctx.priors, ctx.count = priors, count
+        return torch.tensor(_kl_sum(mus, rhos, sigmas, priors), dtype=mus[0].dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        count, priors = ctx.count, ctx.priors
+        saved = ctx.saved_tensors
+        mus, rhos, sigmas = saved[:count], saved[count : 2 * count], saved[2 * count :]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable tensor ops
+            grad_mus, grad_rhos = _kl_grad_ops(grad, mus, rhos, sigmas, priors)
+        else:
+            grad_mus = [torch.empty_like(m) for m in mus]
+            grad_rhos = [torch.empty_like(m) for m in mus]
+            _kl_grad(float(grad), mus, rhos, sigmas, priors, grad_mus, grad_rhos)
+        return (None, None, None, *grad_mus, *grad_rhos)
+
+
+def _prior_tables(priors: list[PriorTerms]) -> list[Any]:
+    doubles = ctypes.c_double * len(priors)
+    return [
+        _addresses([p.mean for p in priors]),
+        doubles(*[p.mean_value for p in priors]),
+        _addresses([p.scale for p in priors]),
+        doubles(*[p.scale_value for p in priors]),
+    ]
+
+
+def _kl_sum(
+    mus: list[Tensor], rhos: list[Tensor], sigmas: list[Tensor], priors: list[PriorTerms]
+) -> float:
+    library = _native.kernel()
+    numels = [m.numel() for m in mus]
+    tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, sigmas))]
+    prior = _prior_tables(priors)
+    kind = _kind(mus[0].dtype)
+    partials: list[Any] = []
+
+    def run(begin: int, end: int) -> None:
+        out = (ctypes.c_double * 1)(0.0)
+        library.tb_kl(kind, len(mus), *tables, *prior, begin, end, out)
+        partials.append(out[0])
+
+    _parallel.split(sum(numels), run)
+    return float(sum(sorted(partials)))  # sorted: the same total whatever the threads' order
+
+
+def _kl_grad(
+    c: float,
+    mus: Sequence[Tensor],
+    rhos: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    priors: list[PriorTerms],
+    grad_mus: list[Tensor],
+    grad_rhos: list[Tensor],
+) -> None:
+    library = _native.kernel()
+    numels = [m.numel() for m in mus]
+    tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, sigmas))]
+    prior = _prior_tables(priors)
+    outs = [_addresses(grad_mus), _addresses(grad_rhos)]
+    kind = _kind(mus[0].dtype)
+
+    def run(begin: int, end: int) -> None:
+        library.tb_kl_grad(kind, len(mus), tables[0], c, *tables[1:], *prior, *outs, begin, end)
+
+    _parallel.split(sum(numels), run)
+
+
+def _kl_grad_ops(
+    grad: Tensor,
+    mus: Sequence[Tensor],
+    rhos: Sequence[Tensor],
+    sigmas: Sequence[Tensor],
+    priors: list[PriorTerms],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The kernel's formulas in tensor ops (differentiable in ``grad``, ``mu`` and ``rho``)."""
+    grad_mus, grad_rhos = [], []
+    for mu, rho, sigma, prior in zip(mus, rhos, sigmas, priors, strict=True):
+        mean = prior.mean if prior.mean is not None else prior.mean_value
+        scale = prior.scale if prior.scale is not None else prior.scale_value
+        variance = scale * scale
+        sig = torch.sigmoid(rho)
+        dlog = torch.where(rho < _SMALL_RHO, torch.ones_like(rho), sig / sigma)
+        grad_mus.append(grad * (mu - mean) / variance)
+        grad_rhos.append(grad * sigma / variance * sig - grad * dlog)
+    return grad_mus, grad_rhos
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam
+
+
+def adam_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[float],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """torch.optim.Adam's update (amsgrad off) of every tensor in place, in one pass; each
+    tensor's own step count ``steps[i]`` (already incremented) sets its bias corrections."""
+    library = _native.kernel()
+    numels = [p.numel() for p in params]
+    tables = [_table(numels), *(_addresses(t) for t in (params, grads, exp_avgs, exp_avg_sqs))]
+    per_node = []
+    for step in steps:
+        per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
+    node_table = (ctypes.c_double * len(per_node))(*per_node)
+    hyper = (ctypes.c_double * 5)(1 - beta1, beta2, 1 - beta2, eps, weight_decay)
+    kind = _kind(params[0].dtype)
+
+    def run(begin: int, end: int) -> None:
+        library.tb_adam(kind, len(params), *tables, node_table, hyper, begin, end)
+
+    _parallel.split(sum(numels), run)

@@ -1,0 +1,260 @@
+/* tbfunc's CPU training kernels: the element-wise passes of a Bayes-by-Backprop step, each one
+ * pass over memory instead of the dozen tensor ops (and as many temporaries) they replace.
+ *
+ *   tb_draw_grad  the draw's backward: w_s = mu + sigma * eps_s, sigma = softplus(rho), so
+ *                 d/d mu = sum_s g_s and d/d rho = (sum_s g_s * eps_s) * sigmoid(rho);
+ *   tb_kl         the closed-form KL(N(mu, sigma^2) || N(m, s^2)) summed, in float64;
+ *   tb_kl_grad    its gradient, scaled by the incoming gradient c:
+ *                 d/d mu = c (mu - m) / s^2,
+ *                 d/d rho = c (sigma / s^2) sigmoid(rho) - c d log(sigma) / d rho;
+ *   tb_adam       torch.optim.Adam's update (no amsgrad), in its order of operations;
+ *   tb_von        the variational-online-Newton update of tbfunc.optim (its docstring has the
+ *                 equations).
+ *
+ * Every kernel sees the virtual concatenation of its nodes' elements and handles [begin, end),
+ * so callers split one call over threads. float32 uses the polynomials of _cephes.h; float64
+ * uses libm. Built with -ffp-contract=off, like the noise kernel: no FMA contraction. */
+
+#include <math.h>
+#include <stdint.h>
+
+#include "_cephes.h"
+
+#define CHUNK 256         /* elements per block of the multi-sample reduction: stays in L1 */
+#define SMALL_RHO -20.0   /* below it log(softplus(rho)) is rho to float64 precision */
+
+typedef const int64_t *table; /* per node: an address or a count */
+
+static inline float sigmoid32(float r) {
+    float t = exp32(-__builtin_fabsf(r));
+    float d = 1.0f + t;
+    return r >= 0.0f ? 1.0f / d : t / d;
+}
+
+static inline double sigmoid64(double r) {
+    double t = exp(-fabs(r));
+    double d = 1.0 + t;
+    return r >= 0.0 ? 1.0 / d : t / d;
+}
+
+/* Runs the block given (with l, a, b in scope) for the part [a, b) of node l that lies in [begin, end). */
+#define FOR_NODES(nodes, numels, begin, end, ...)                                     \
+    do {                                                                              \
+        int64_t start_ = 0;                                                           \
+        for (int64_t l = 0; l < (nodes) && start_ < (end); start_ += (numels)[l], l++) { \
+            int64_t a = (begin) > start_ ? (begin) - start_ : 0;                      \
+            int64_t b = (end) < start_ + (numels)[l] ? (end) - start_ : (numels)[l];  \
+            if (a < b) __VA_ARGS__;                                                   \
+        }                                                                             \
+    } while (0)
+
+/* ------------------------------------------------------------------------------------------ */
+/* The draw's backward. grads[l], eps[l]: (samples, numels[l]) contiguous. grad_mus[l] may be 0
+ * when samples == 1 (mu's gradient is then the weight gradient itself). */
+
+#define DRAW_GRAD(T, SIGMOID)                                                                 \
+    static void draw_grad_##T(int64_t n, int64_t samples, int64_t a, int64_t b, const T *g,  \
+                              const T *e, const T *rho, T *gm, T *gr) {                      \
+        if (samples == 1) {                                                                   \
+            for (int64_t i = a; i < b; i++) gr[i] = (g[i] * e[i]) * SIGMOID(rho[i]);         \
+            return;                                                                           \
+        }                                                                                     \
+        T sum_g[CHUNK], sum_ge[CHUNK];                                                        \
+        for (int64_t lo = a; lo < b; lo += CHUNK) {                                           \
+            int64_t m = b - lo < CHUNK ? b - lo : CHUNK;                                      \
+            for (int64_t i = 0; i < m; i++) {                                                 \
+                sum_g[i] = g[lo + i];                                                         \
+                sum_ge[i] = g[lo + i] * e[lo + i];                                            \
+            }                                                                                 \
+            for (int64_t s = 1; s < samples; s++) {                                           \
+                const T *gs = g + s * n + lo, *es = e + s * n + lo;                           \
+                for (int64_t i = 0; i < m; i++) {                                             \
+                    sum_g[i] = sum_g[i] + gs[i];                                              \
+                    sum_ge[i] = sum_ge[i] + gs[i] * es[i];                                    \
+                }                                                                             \
+            }                                                                                 \
+            for (int64_t i = 0; i < m; i++) {                                                 \
+                gm[lo + i] = sum_g[i];                                                        \
+                gr[lo + i] = sum_ge[i] * SIGMOID(rho[lo + i]);                                \
+            }                                                                                 \
+        }                                                                                     \
+    }
+
+DRAW_GRAD(float, sigmoid32)
+DRAW_GRAD(double, sigmoid64)
+
+void tb_draw_grad(int32_t dtype, int64_t nodes, table numels, int64_t samples, table grads,
+                  table eps, table rhos, table grad_mus, table grad_rhos, int64_t begin,
+                  int64_t end) {
+    FOR_NODES(nodes, numels, begin, end, {
+        if (dtype == 0)
+            draw_grad_float(numels[l], samples, a, b, (const float *)grads[l],
+                            (const float *)eps[l], (const float *)rhos[l], (float *)grad_mus[l],
+                            (float *)grad_rhos[l]);
+        else
+            draw_grad_double(numels[l], samples, a, b, (const double *)grads[l],
+                             (const double *)eps[l], (const double *)rhos[l],
+                             (double *)grad_mus[l], (double *)grad_rhos[l]);
+    });
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The Gaussian KL. Priors per node: prior_mus[l] / prior_sigmas[l] the address of a tensor
+ * shaped like mu, or 0 for the scalar in prior_mu_values[l] / prior_sigma_values[l]. */
+
+static inline float log_sigma32(float rho, float sigma) {
+    return rho < (float)SMALL_RHO ? rho : ln32(rho < (float)SMALL_RHO ? 1.0f : sigma);
+}
+
+static inline double log_sigma64(double rho, double sigma) {
+    return rho < SMALL_RHO ? rho : log(sigma);
+}
+
+#define KL_TERMS(T, LOG_SIGMA, LOG, MEAN, SCALE)                                               \
+    for (int64_t i = 0; i < m; i++) {                                                         \
+        int64_t k = lo + i;                                                                   \
+        T mean = MEAN, scale = SCALE;                                                         \
+        T d = mu[k] - mean;                                                                   \
+        T spread = sigma[k] * sigma[k] + d * d;                                               \
+        terms[i] = (LOG(scale) - LOG_SIGMA(rho[k], sigma[k])) +                               \
+                   (spread / ((T)2 * scale * scale) - (T)0.5);                                \
+    }
+
+#define KL(T, LOG_SIGMA, LOG)                                                                 \
+    static double kl_##T(int64_t a, int64_t b, const T *mu, const T *rho, const T *sigma,      \
+                         const T *pm, T pm_value, const T *ps, T ps_value) {                  \
+        double total[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                           \
+        T terms[CHUNK];                                                                       \
+        for (int64_t lo = a; lo < b; lo += CHUNK) {                                           \
+            int64_t m = b - lo < CHUNK ? b - lo : CHUNK;                                      \
+            if (pm && ps)                                                                     \
+                KL_TERMS(T, LOG_SIGMA, LOG, pm[k], ps[k])                                     \
+            else if (pm)                                                                      \
+                KL_TERMS(T, LOG_SIGMA, LOG, pm[k], ps_value)                                  \
+            else if (ps)                                                                      \
+                KL_TERMS(T, LOG_SIGMA, LOG, pm_value, ps[k])                                  \
+            else                                                                              \
+                KL_TERMS(T, LOG_SIGMA, LOG, pm_value, ps_value)                               \
+            int64_t i = 0;                                                                    \
+            for (; i + 8 <= m; i += 8)                                                        \
+                for (int j = 0; j < 8; j++) total[j] += (double)terms[i + j];                 \
+            for (; i < m; i++) total[0] += (double)terms[i];                                  \
+        }                                                                                     \
+        return ((total[0] + total[1]) + (total[2] + total[3])) +                              \
+               ((total[4] + total[5]) + (total[6] + total[7]));                               \
+    }
+
+static inline float log_positive32(float x) { return ln32(x); }
+
+KL(float, log_sigma32, log_positive32)
+KL(double, log_sigma64, log)
+
+/* out[0] += the sum over [begin, end) */
+void tb_kl(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, table sigmas,
+           table prior_mus, const double *prior_mu_values, table prior_sigmas,
+           const double *prior_sigma_values, int64_t begin, int64_t end, double *out) {
+    double sum = 0.0;
+    FOR_NODES(nodes, numels, begin, end, {
+        if (dtype == 0)
+            sum += kl_float(a, b, (const float *)mus[l], (const float *)rhos[l],
+                            (const float *)sigmas[l], (const float *)prior_mus[l],
+                            (float)prior_mu_values[l], (const float *)prior_sigmas[l],
+                            (float)prior_sigma_values[l]);
+        else
+            sum += kl_double(a, b, (const double *)mus[l], (const double *)rhos[l],
+                             (const double *)sigmas[l], (const double *)prior_mus[l],
+                             prior_mu_values[l], (const double *)prior_sigmas[l],
+                             prior_sigma_values[l]);
+    });
+    out[0] += sum;
+}
+
+/* One loop per kind of prior (a tensor or a scalar for each of m and s), so that each
+ * vectorises. */
+#define KL_GRAD_LOOP(T, SIGMOID, MEAN, SCALE)                                                 \
+    for (int64_t k = a; k < b; k++) {                                                         \
+        T mean = MEAN, scale = SCALE;                                                         \
+        T variance = scale * scale;                                                           \
+        T sig = SIGMOID(rho[k]);                                                              \
+        T dlog = rho[k] < (T)SMALL_RHO ? (T)1 : sig / sigma[k];                               \
+        gm[k] = c * (mu[k] - mean) / variance;                                                \
+        gr[k] = (c * sigma[k] / variance) * sig - c * dlog;                                   \
+    }
+
+#define KL_GRAD(T, SIGMOID)                                                                   \
+    static void kl_grad_##T(int64_t a, int64_t b, T c, const T *mu, const T *rho,             \
+                            const T *sigma, const T *pm, T pm_value, const T *ps, T ps_value,  \
+                            T *gm, T *gr) {                                                   \
+        if (pm && ps)                                                                         \
+            KL_GRAD_LOOP(T, SIGMOID, pm[k], ps[k])                                            \
+        else if (pm)                                                                          \
+            KL_GRAD_LOOP(T, SIGMOID, pm[k], ps_value)                                         \
+        else if (ps)                                                                          \
+            KL_GRAD_LOOP(T, SIGMOID, pm_value, ps[k])                                         \
+        else                                                                                  \
+            KL_GRAD_LOOP(T, SIGMOID, pm_value, ps_value)                                      \
+    }
+
+KL_GRAD(float, sigmoid32)
+KL_GRAD(double, sigmoid64)
+
+void tb_kl_grad(int32_t dtype, int64_t nodes, table numels, double c, table mus, table rhos,
+                table sigmas, table prior_mus, const double *prior_mu_values, table prior_sigmas,
+                const double *prior_sigma_values, table grad_mus, table grad_rhos, int64_t begin,
+                int64_t end) {
+    FOR_NODES(nodes, numels, begin, end, {
+        if (dtype == 0)
+            kl_grad_float(a, b, (float)c, (const float *)mus[l], (const float *)rhos[l],
+                          (const float *)sigmas[l], (const float *)prior_mus[l],
+                          (float)prior_mu_values[l], (const float *)prior_sigmas[l],
+                          (float)prior_sigma_values[l], (float *)grad_mus[l],
+                          (float *)grad_rhos[l]);
+        else
+            kl_grad_double(a, b, c, (const double *)mus[l], (const double *)rhos[l],
+                           (const double *)sigmas[l], (const double *)prior_mus[l],
+                           prior_mu_values[l], (const double *)prior_sigmas[l],
+                           prior_sigma_values[l], (double *)grad_mus[l], (double *)grad_rhos[l]);
+    });
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Adam, as torch.optim.Adam's single-tensor route computes it (amsgrad off), op for op:
+ *   g = grad + weight_decay * p;  m = lerp(m, g, 1 - beta1);  v = v beta2 + ((1 - beta2) g) g;
+ *   p = p + ((-step_size) m) / (sqrt(v) / bc2_sqrt + eps),
+ * with step_size = lr / (1 - beta1^t) and bc2_sqrt = sqrt(1 - beta2^t) per node (each tensor
+ * keeps its own step count). */
+
+#define ADAM(T, SQRT)                                                                          \
+    static void adam_##T(int64_t a, int64_t b, T *p, const T *grad, T *m, T *v, T step_size,   \
+                         T bc2_sqrt, T w1, T beta2, T w2, T eps, T decay) {                    \
+        for (int64_t k = a; k < b; k++) {                                                      \
+            T g = decay != (T)0 ? grad[k] + decay * p[k] : grad[k];                            \
+            T mk = w1 < (T)0.5 ? m[k] + w1 * (g - m[k]) : g - (g - m[k]) * ((T)1 - w1);        \
+            T vk = v[k] * beta2 + (w2 * g) * g;                                                \
+            T denom = SQRT(vk) / bc2_sqrt + eps;                                               \
+            m[k] = mk;                                                                         \
+            v[k] = vk;                                                                         \
+            p[k] = p[k] + ((-step_size) * mk) / denom;                                         \
+        }                                                                                      \
+    }
+
+ADAM(float, __builtin_sqrtf)
+ADAM(double, sqrt)
+
+/* hyper: per node (step_size, bc2_sqrt); then 1 - beta1, beta2, 1 - beta2, eps, weight_decay */
+void tb_adam(int32_t dtype, int64_t nodes, table numels, table params, table grads,
+             table exp_avgs, table exp_avg_sqs, const double *per_node, const double *hyper,
+             int64_t begin, int64_t end) {
+    FOR_NODES(nodes, numels, begin, end, {
+        double step_size = per_node[2 * l], bc2_sqrt = per_node[2 * l + 1];
+        if (dtype == 0)
+            adam_float(a, b, (float *)params[l], (const float *)grads[l], (float *)exp_avgs[l],
+                       (float *)exp_avg_sqs[l], (float)step_size, (float)bc2_sqrt,
+                       (float)hyper[0], (float)hyper[1], (float)hyper[2], (float)hyper[3],
+                       (float)hyper[4]);
+        else
+            adam_double(a, b, (double *)params[l], (const double *)grads[l],
+                        (double *)exp_avgs[l], (double *)exp_avg_sqs[l], step_size, bc2_sqrt,
+                        hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]);
+    });
+}
