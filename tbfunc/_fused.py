@@ -9,7 +9,8 @@ into ``d/d mu = sum_s g_s`` (``g`` itself for one draw: no pass) and
 ``d/d rho = sum_s g_s eps_s sigmoid(rho)`` (one pass); the KL's value and gradient are one
 pass each; Adam is one pass.
 
-The route serves plain eager autograd on CPU float32/float64 tensors with the kernels built.
+The route serves plain eager autograd on CPU float32/float64 tensors with the kernels built
+(``TBFUNC_FUSED=0`` switches it off).
 Under ``torch.compile``, ``torch.func`` transforms and forward-mode AD, on other devices or
 without a C compiler, callers keep the tensor-op route (``trainable`` is False there), which
 gives the same values to rounding. A backward run with ``create_graph=True`` computes the same
@@ -19,10 +20,12 @@ formulas in tensor ops, so double backward still works.
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbfunc import _native, _noise, _parallel
@@ -35,8 +38,11 @@ _SMALL_RHO = -20.0  # as in kl.py and _train.c: below it log(softplus(rho)) is r
 
 def eager(tensors: Sequence[Tensor]) -> bool:
     """Plain eager CPU float32/float64 tensors of one dtype, with the kernels built: no
-    compiler, no ``torch.func`` transform and no forward-mode AD around them."""
+    compiler, no ``torch.func`` transform and no forward-mode AD around them; and the route
+    not switched off (``TBFUNC_FUSED=0``, read at every call: benchmarks compare both)."""
     if not tensors or torch.compiler.is_compiling():
+        return False
+    if os.environ.get("TBFUNC_FUSED", "1") == "0":
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
@@ -66,87 +72,6 @@ def _addresses(tensors: Sequence[Tensor | None]) -> Any:
 
 def _kind(dtype: torch.dtype) -> int:
     return 0 if dtype == torch.float32 else 1
-
-
-# ----------------------------------------------------------------------------------------------
-# The draw
-
-
-def draw(
-    keys: Tensor,
-    hashes: list[int] | None,
-    mus: list[Tensor],
-    rhos: list[Tensor],
-    sigmas: list[Tensor],
-) -> list[Tensor]:
-    """``mu + sigma * eps`` per node, ``(S, *mu.shape)``, keyed as ``_noise.gaussian`` keys
-    it (the same bits), with the fused backward to ``mu`` and ``rho``; ``sigmas`` are
-    ``softplus(rho)``, detached."""
-    count = len(mus)
-    return list(_Draw.apply(keys, hashes, [s.detach() for s in sigmas], count, *mus, *rhos))
-
-
-class _Draw(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, keys: Tensor, hashes: Any, sigmas: list[Tensor], count: int, *tensors: Tensor
-    ) -> tuple[Tensor, ...]:  # type: ignore[override]  # noqa: E501
-        mus, rhos = tensors[:count], [r.contiguous() for r in tensors[count:]]
-        draws, noise = _noise.gaussian_with_noise(keys, hashes, list(mus), sigmas)
-        ctx.save_for_backward(*rhos, *noise)
-        ctx.count = count
-        return tuple(draws)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        count = ctx.count
-        saved = ctx.saved_tensors
-        rhos, noise = saved[:count], saved[count:]
-        grad_mus: list[Tensor | None] = [None] * count
-        grad_rhos: list[Tensor | None] = [None] * count
-        live = [i for i in range(count) if grads[i] is not None]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable tensor ops
-            for i in live:
-                g = grads[i]
-                grad_mus[i] = g.sum(0)
-                grad_rhos[i] = (g * noise[i]).sum(0) * torch.sigmoid(rhos[i])
-        elif live:
-            gs = [grads[i].contiguous() for i in live]  # type: ignore[union-attr]
-            samples = gs[0].shape[0]
-            for i in live:
-                grad_rhos[i] = torch.empty_like(rhos[i])
-                grad_mus[i] = torch.empty_like(rhos[i]) if samples > 1 else None
-            _draw_grad(
-                gs, [noise[i] for i in live], [rhos[i] for i in live],
-                [grad_mus[i] for i in live], [grad_rhos[i] for i in live], samples,
-            )  # fmt: skip
-            if samples == 1:  # one draw: mu's gradient is the weight gradient itself
-                for i, g in zip(live, gs, strict=True):
-                    grad_mus[i] = g.view(rhos[i].shape)
-        return (None, None, None, None, *grad_mus, *grad_rhos)
-
-
-def _draw_grad(
-    grads: list[Tensor],
-    noise: list[Tensor],
-    rhos: list[Tensor],
-    grad_mus: list[Tensor | None],
-    grad_rhos: list[Tensor | None],
-    samples: int,
-) -> None:
-    library = _native.kernel()
-    numels = [r.numel() for r in rhos]
-    tables = [_table(numels), *(_addresses(t) for t in (grads, noise, rhos, grad_mus, grad_rhos))]
-    kind = _kind(rhos[0].dtype)
-
-    def run(begin: int, end: int) -> None:
-        library.tb_draw_grad(kind, len(rhos), tables[0], samples, *tables[1:], begin, end)
-
-    _parallel.split(sum(numels), run)
-
-
-# ----------------------------------------------------------------------------------------------
-# The closed-form Gaussian KL
 
 
 class PriorTerms(NamedTuple):
@@ -180,6 +105,139 @@ def prior_terms(mu: Tensor, mean: Any, scale: Any) -> PriorTerms | None:
     return PriorTerms(*parts)
 
 
+# ----------------------------------------------------------------------------------------------
+# The draw
+
+
+def draw(
+    keys: Tensor,
+    hashes: list[int] | None,
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    sigmas: list[Tensor],
+    priors: list[PriorTerms] | None = None,
+) -> tuple[list[Tensor], Tensor | None]:
+    """``mu + sigma * eps`` per node, ``(S, *mu.shape)``, keyed as ``_noise.gaussian`` keys
+    it (the same bits), with the fused backward to ``mu`` and ``rho``; ``sigmas`` are
+    ``softplus(rho)``, detached. With ``priors`` also the closed-form KL summed over the nodes,
+    whose gradient the same backward pass adds (else None)."""
+    count = len(mus)
+    sigmas = [s.detach().contiguous() for s in sigmas]
+    outputs = _Draw.apply(keys, hashes, sigmas, priors, count, *mus, *rhos)
+    if priors is None:
+        return list(outputs), None
+    return list(outputs[:-1]), outputs[-1]
+
+
+class _Draw(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        keys: Tensor,
+        hashes: Any,
+        sigmas: list[Tensor],
+        priors: list[PriorTerms] | None,
+        count: int,
+        *tensors: Tensor,
+    ) -> tuple[Tensor, ...]:
+        mus = [m.contiguous() for m in tensors[:count]]
+        rhos = [r.contiguous() for r in tensors[count:]]
+        draws, noise = _noise.gaussian_with_noise(keys, hashes, mus, sigmas)
+        ctx.set_materialize_grads(False)
+        ctx.count, ctx.priors = count, priors
+        if priors is None:
+            ctx.save_for_backward(*rhos, *noise)
+            return tuple(draws)
+        ctx.save_for_backward(*rhos, *noise, *mus, *sigmas)
+        kl = torch.tensor(_kl_sum(mus, rhos, sigmas, priors), dtype=mus[0].dtype)
+        return (*draws, kl)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        count, priors = ctx.count, ctx.priors
+        saved = ctx.saved_tensors
+        rhos, noise = saved[:count], saved[count : 2 * count]
+        grad_kl = grads[count] if priors is not None else None
+        live = [i for i in range(count) if grads[i] is not None or grad_kl is not None]
+        grad_mus: list[Tensor | None] = [None] * count
+        grad_rhos: list[Tensor | None] = [None] * count
+        if not live:
+            return (None,) * 5 + (None,) * (2 * count)
+        gs = [
+            torch.zeros_like(noise[i]) if grads[i] is None else grads[i].contiguous()  # type: ignore[union-attr]
+            for i in live
+        ]
+        kl = None
+        if grad_kl is not None:
+            mus, sigmas = saved[2 * count : 3 * count], saved[3 * count :]
+            kl = (
+                grad_kl,
+                [mus[i] for i in live],
+                [sigmas[i] for i in live],
+                [priors[i] for i in live],
+            )
+        if torch.is_grad_enabled():  # create_graph=True: differentiable tensor ops
+            parts = _draw_grad_ops(gs, [noise[i] for i in live], [rhos[i] for i in live], kl)
+        else:
+            parts = _draw_grad(gs, [noise[i] for i in live], [rhos[i] for i in live], kl)
+        for i, (grad_mu, grad_rho) in zip(live, zip(*parts, strict=True), strict=True):
+            grad_mus[i], grad_rhos[i] = grad_mu, grad_rho
+        return (None,) * 5 + (*grad_mus, *grad_rhos)
+
+
+KLPart = tuple[Tensor, list[Tensor], list[Tensor], list[PriorTerms]]
+
+
+def _draw_grad_ops(
+    grads: list[Tensor], noise: list[Tensor], rhos: list[Tensor], kl: KLPart | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The kernel's formulas in tensor ops (differentiable)."""
+    grad_mus = [g.sum(0) for g in grads]
+    grad_rhos = [
+        (g * e).sum(0) * torch.sigmoid(r) for g, e, r in zip(grads, noise, rhos, strict=True)
+    ]
+    if kl is not None:
+        grad_kl, mus, sigmas, priors = kl
+        kl_mus, kl_rhos = _kl_grad_ops(grad_kl, mus, rhos, sigmas, priors)
+        grad_mus = [a + b for a, b in zip(grad_mus, kl_mus, strict=True)]
+        grad_rhos = [a + b for a, b in zip(grad_rhos, kl_rhos, strict=True)]
+    return grad_mus, grad_rhos
+
+
+def _draw_grad(
+    grads: list[Tensor], noise: list[Tensor], rhos: list[Tensor], kl: KLPart | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The gradients to every ``mu`` and ``rho`` by one kernel pass; without a KL and with one
+    draw, ``mu``'s gradient is the weight gradient itself (no pass)."""
+    samples = grads[0].shape[0]
+    numels = [r.numel() for r in rhos]
+    grad_rhos = [torch.empty_like(r) for r in rhos]
+    alone = kl is None and samples == 1
+    grad_mus = [
+        g.view(r.shape) if alone else torch.empty_like(r) for g, r in zip(grads, rhos, strict=True)
+    ]
+    tables = [_table(numels), *(_addresses(t) for t in (grads, noise, rhos))]
+    outs = [_addresses([None] * len(rhos) if alone else grad_mus), _addresses(grad_rhos)]
+    if kl is None:
+        c, extra = 0.0, [None, None, *_prior_tables(None, len(rhos))]
+    else:
+        grad_kl, mus, sigmas, priors = kl
+        c, extra = float(grad_kl), [_addresses(mus), _addresses(sigmas), *_prior_tables(priors)]
+    library, kind = _library(), _kind(rhos[0].dtype)
+
+    def run(begin: int, end: int) -> None:
+        library.tb_draw_grad(
+            kind, len(rhos), tables[0], samples, *tables[1:], *outs, c, *extra, begin, end
+        )
+
+    _parallel.split(sum(numels), run)
+    return grad_mus, grad_rhos
+
+
+# ----------------------------------------------------------------------------------------------
+# The closed-form Gaussian KL
+
+
 def gaussian_kl(
     mus: list[Tensor], rhos: list[Tensor], sigmas: list[Tensor], priors: list[PriorTerms]
 ) -> Tensor:
@@ -194,7 +252,7 @@ class _KL(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, sigmas: list[Tensor], priors: list[PriorTerms], count: int, *tensors: Tensor
-    ) -> Tensor:  # type: ignore[override]  # noqa: E501
+    ) -> Tensor:
         mus = [t.contiguous() for t in tensors[:count]]
         rhos = [t.contiguous() for t in tensors[count:]]
         ctx.save_for_backward(*mus, *rhos, *sigmas)
@@ -215,7 +273,10 @@ class _KL(torch.autograd.Function):
         return (None, None, None, *grad_mus, *grad_rhos)
 
 
-def _prior_tables(priors: list[PriorTerms]) -> list[Any]:
+def _prior_tables(priors: list[PriorTerms] | None, count: int = 0) -> list[Any]:
+    """The kernels' four prior tables (none: null tables for ``count`` nodes)."""
+    if priors is None:
+        return [None, None, None, None]
     doubles = ctypes.c_double * len(priors)
     return [
         _addresses([p.mean for p in priors]),
@@ -225,10 +286,16 @@ def _prior_tables(priors: list[PriorTerms]) -> list[Any]:
     ]
 
 
+def _library() -> Any:
+    library = _native.kernel()
+    assert library is not None  # callers checked eager()
+    return library
+
+
 def _kl_sum(
     mus: list[Tensor], rhos: list[Tensor], sigmas: list[Tensor], priors: list[PriorTerms]
 ) -> float:
-    library = _native.kernel()
+    library = _library()
     numels = [m.numel() for m in mus]
     tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, sigmas))]
     prior = _prior_tables(priors)
@@ -253,7 +320,7 @@ def _kl_grad(
     grad_mus: list[Tensor],
     grad_rhos: list[Tensor],
 ) -> None:
-    library = _native.kernel()
+    library = _library()
     numels = [m.numel() for m in mus]
     tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, sigmas))]
     prior = _prior_tables(priors)
@@ -273,9 +340,11 @@ def _kl_grad_ops(
     sigmas: Sequence[Tensor],
     priors: list[PriorTerms],
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """The kernel's formulas in tensor ops (differentiable in ``grad``, ``mu`` and ``rho``)."""
+    """The kernel's formulas in tensor ops (differentiable in ``grad``, ``mu`` and ``rho``: the
+    saved ``sigmas`` are detached, so ``softplus(rho)`` is taken again)."""
     grad_mus, grad_rhos = [], []
-    for mu, rho, sigma, prior in zip(mus, rhos, sigmas, priors, strict=True):
+    for mu, rho, prior in zip(mus, rhos, priors, strict=True):
+        sigma = F.softplus(rho)
         mean = prior.mean if prior.mean is not None else prior.mean_value
         scale = prior.scale if prior.scale is not None else prior.scale_value
         variance = scale * scale
@@ -305,7 +374,7 @@ def adam_step(
 ) -> None:
     """torch.optim.Adam's update (amsgrad off) of every tensor in place, in one pass; each
     tensor's own step count ``steps[i]`` (already incremented) sets its bias corrections."""
-    library = _native.kernel()
+    library = _library()
     numels = [p.numel() for p in params]
     tables = [_table(numels), *(_addresses(t) for t in (params, grads, exp_avgs, exp_avg_sqs))]
     per_node = []

@@ -117,7 +117,10 @@ def _load(path: Path) -> ctypes.CDLL | None:
     library.tb_split.restype = None
     library.tb_philox.argtypes = [_I64, _I64, _I64, _P]
     library.tb_philox.restype = None
-    library.tb_draw_grad.argtypes = [_I32, _I64, _P, _I64, _P, _P, _P, _P, _P, _I64, _I64]
+    library.tb_draw_grad.argtypes = [
+        *(_I32, _I64, _P, _I64, _P, _P, _P, _P, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P),
+        *(_I64, _I64),
+    ]
     library.tb_kl.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64, _P]
     library.tb_kl_grad.argtypes = [
         *(_I32, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64)

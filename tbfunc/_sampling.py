@@ -26,6 +26,7 @@ __all__ = [
     "hash32",
     "posterior_nodes",
     "sample_many",
+    "sample_with_kl",
     "tracked",
 ]
 
@@ -176,6 +177,34 @@ def sample_many(
     instead (``nelbo`` checks its KL: non-finite whenever a ``mu`` or ``rho`` is).
     ``validated=True``: the caller has checked the nodes' fields already (``check_matches``).
     """
+    return _sample(tree, keys, sigmas, None, check, validated)[0]
+
+
+def sample_with_kl(
+    tree: Any,
+    keys: Tensor,
+    sigmas: dict[int, Tensor] | None,
+    priors: dict[int, Any] | None,
+    *,
+    check: bool = True,
+    validated: bool = False,
+) -> tuple[Any, Tensor | None]:
+    """``sample_many``, and the closed-form KL of the tree against ``priors`` (flat leaf index
+    -> ``_fused.PriorTerms``, one per Gaussian node) computed by the same fused autograd node,
+    whose backward adds the KL's gradient in the draw's pass. The KL is None (compute it
+    apart) unless the whole tree takes the fused route together: one dtype, no custom
+    families, ``priors`` given and complete."""
+    return _sample(tree, keys, sigmas, priors, check, validated)
+
+
+def _sample(
+    tree: Any,
+    keys: Tensor,
+    sigmas: dict[int, Tensor] | None,
+    priors: dict[int, Any] | None,
+    check: bool,
+    validated: bool,
+) -> tuple[Any, Tensor | None]:
     leaves, spec, layout = _flatten(tree)
     names, hashes = layout.names, layout.hashes
     count = keys.shape[0]
@@ -206,6 +235,7 @@ def sample_many(
     for index in custom:
         node_keys = keys if hashes is None else _threefry.fold_in_hashes(keys, [hashes[index]])[0]
         drawn[index] = torch.stack([leaves[index].sample(k) for k in node_keys])
+    kl = None
     for members in groups.values():
         member_hashes = None if hashes is None else [hashes[i] for i in members]
         mus = [leaves[i].mu for i in members]
@@ -214,13 +244,15 @@ def sample_many(
             # the same bits as below; the backward to mu and rho is one pass (_fused)
             with torch.no_grad():
                 values = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
-            draws = _fused.draw(keys, member_hashes, mus, rhos, values)
+            whole = priors is not None and len(groups) == 1 and not custom
+            terms = [priors[i] for i in members] if whole else None  # type: ignore[index]
+            draws, kl = _fused.draw(keys, member_hashes, mus, rhos, values, terms)
         else:
             values = [leaves[i].sigma if sigmas is None else sigmas[i] for i in members]
             draws = _noise.gaussian(keys, member_hashes, mus, values)
         for i, value in zip(members, draws, strict=True):
             drawn[i] = value
-    return optree.tree_unflatten(spec, drawn)
+    return optree.tree_unflatten(spec, drawn), kl
 
 
 def _hashes(names: list[str]) -> list[int]:

@@ -49,13 +49,32 @@ static inline double sigmoid64(double r) {
     } while (0)
 
 /* ------------------------------------------------------------------------------------------ */
-/* The draw's backward. grads[l], eps[l]: (samples, numels[l]) contiguous. grad_mus[l] may be 0
- * when samples == 1 (mu's gradient is then the weight gradient itself). */
+/* The draw's backward, with the KL's gradient added where a KL rides along (tb.nelbo): with
+ * c the KL's incoming gradient and N(m, s^2) the node's prior,
+ *   d/d mu  = sum_s g_s + c (mu - m) / s^2,
+ *   d/d rho = (sum_s g_s eps_s + c sigma / s^2) sigmoid(rho) - c d log(sigma) / d rho.
+ * grads[l], eps[l]: (samples, numels[l]) contiguous. Without a KL (mus NULL) grad_mus[l] may be
+ * 0 when samples == 1: mu's gradient is then the weight gradient itself. Priors per node:
+ * prior_mus[l] / prior_sigmas[l] the address of a tensor shaped like mu, or 0 for the scalar
+ * in prior_mu_values[l] / prior_sigma_values[l]. */
 
-#define DRAW_GRAD(T, SIGMOID)                                                                 \
+#define DRAW_FINISH(T, SIGMOID, MEAN, SCALE)                                                   \
+    for (int64_t i = 0; i < m; i++) {                                                         \
+        int64_t k = lo + i;                                                                   \
+        T sig = SIGMOID(rho[k]);                                                              \
+        T mean = MEAN, scale = SCALE;                                                         \
+        T variance = scale * scale;                                                           \
+        T dlog = rho[k] < (T)SMALL_RHO ? (T)1 : sig / sigma[k];                               \
+        gm[k] = sum_g[i] + c * (mu[k] - mean) / variance;                                     \
+        gr[k] = (sum_ge[i] + c * sigma[k] / variance) * sig - c * dlog;                       \
+    }
+
+#define DRAW_GRAD(T, SIGMOID)                                                                  \
     static void draw_grad_##T(int64_t n, int64_t samples, int64_t a, int64_t b, const T *g,  \
-                              const T *e, const T *rho, T *gm, T *gr) {                      \
-        if (samples == 1) {                                                                   \
+                              const T *e, const T *rho, T *gm, T *gr, T c, const T *mu,        \
+                              const T *sigma, const T *pm, T pm_value, const T *ps,            \
+                              T ps_value) {                                                   \
+        if (samples == 1 && !mu) {                                                            \
             for (int64_t i = a; i < b; i++) gr[i] = (g[i] * e[i]) * SIGMOID(rho[i]);         \
             return;                                                                           \
         }                                                                                     \
@@ -73,9 +92,19 @@ static inline double sigmoid64(double r) {
                     sum_ge[i] = sum_ge[i] + gs[i] * es[i];                                    \
                 }                                                                             \
             }                                                                                 \
-            for (int64_t i = 0; i < m; i++) {                                                 \
-                gm[lo + i] = sum_g[i];                                                        \
-                gr[lo + i] = sum_ge[i] * SIGMOID(rho[lo + i]);                                \
+            if (!mu) {                                                                        \
+                for (int64_t i = 0; i < m; i++) {                                             \
+                    gm[lo + i] = sum_g[i];                                                    \
+                    gr[lo + i] = sum_ge[i] * SIGMOID(rho[lo + i]);                            \
+                }                                                                             \
+            } else if (pm && ps) {                                                            \
+                DRAW_FINISH(T, SIGMOID, pm[k], ps[k])                                         \
+            } else if (pm) {                                                                  \
+                DRAW_FINISH(T, SIGMOID, pm[k], ps_value)                                      \
+            } else if (ps) {                                                                  \
+                DRAW_FINISH(T, SIGMOID, pm_value, ps[k])                                      \
+            } else {                                                                          \
+                DRAW_FINISH(T, SIGMOID, pm_value, ps_value)                                   \
             }                                                                                 \
         }                                                                                     \
     }
@@ -84,17 +113,30 @@ DRAW_GRAD(float, sigmoid32)
 DRAW_GRAD(double, sigmoid64)
 
 void tb_draw_grad(int32_t dtype, int64_t nodes, table numels, int64_t samples, table grads,
-                  table eps, table rhos, table grad_mus, table grad_rhos, int64_t begin,
+                  table eps, table rhos, table grad_mus, table grad_rhos, double c, table mus,
+                  table sigmas, table prior_mus, const double *prior_mu_values,
+                  table prior_sigmas, const double *prior_sigma_values, int64_t begin,
                   int64_t end) {
     FOR_NODES(nodes, numels, begin, end, {
+        int kl = mus != 0;
         if (dtype == 0)
             draw_grad_float(numels[l], samples, a, b, (const float *)grads[l],
                             (const float *)eps[l], (const float *)rhos[l], (float *)grad_mus[l],
-                            (float *)grad_rhos[l]);
+                            (float *)grad_rhos[l], (float)c,
+                            kl ? (const float *)mus[l] : 0, kl ? (const float *)sigmas[l] : 0,
+                            kl ? (const float *)prior_mus[l] : 0,
+                            kl ? (float)prior_mu_values[l] : 0.0f,
+                            kl ? (const float *)prior_sigmas[l] : 0,
+                            kl ? (float)prior_sigma_values[l] : 1.0f);
         else
             draw_grad_double(numels[l], samples, a, b, (const double *)grads[l],
                              (const double *)eps[l], (const double *)rhos[l],
-                             (double *)grad_mus[l], (double *)grad_rhos[l]);
+                             (double *)grad_mus[l], (double *)grad_rhos[l], c,
+                             kl ? (const double *)mus[l] : 0, kl ? (const double *)sigmas[l] : 0,
+                             kl ? (const double *)prior_mus[l] : 0,
+                             kl ? prior_mu_values[l] : 0.0,
+                             kl ? (const double *)prior_sigmas[l] : 0,
+                             kl ? prior_sigma_values[l] : 1.0);
     });
 }
 
@@ -110,13 +152,13 @@ static inline double log_sigma64(double rho, double sigma) {
     return rho < SMALL_RHO ? rho : log(sigma);
 }
 
-#define KL_TERMS(T, LOG_SIGMA, LOG, MEAN, SCALE)                                               \
+#define KL_TERMS(T, LOG_SIGMA, MEAN, SCALE, LOG_SCALE)                                       \
     for (int64_t i = 0; i < m; i++) {                                                         \
         int64_t k = lo + i;                                                                   \
         T mean = MEAN, scale = SCALE;                                                         \
         T d = mu[k] - mean;                                                                   \
         T spread = sigma[k] * sigma[k] + d * d;                                               \
-        terms[i] = (LOG(scale) - LOG_SIGMA(rho[k], sigma[k])) +                               \
+        terms[i] = (LOG_SCALE - LOG_SIGMA(rho[k], sigma[k])) +                                \
                    (spread / ((T)2 * scale * scale) - (T)0.5);                                \
     }
 
@@ -125,16 +167,17 @@ static inline double log_sigma64(double rho, double sigma) {
                          const T *pm, T pm_value, const T *ps, T ps_value) {                  \
         double total[8] = {0, 0, 0, 0, 0, 0, 0, 0};                                           \
         T terms[CHUNK];                                                                       \
+        T log_scale = ps ? (T)0 : LOG(ps_value);                                              \
         for (int64_t lo = a; lo < b; lo += CHUNK) {                                           \
             int64_t m = b - lo < CHUNK ? b - lo : CHUNK;                                      \
             if (pm && ps)                                                                     \
-                KL_TERMS(T, LOG_SIGMA, LOG, pm[k], ps[k])                                     \
+                KL_TERMS(T, LOG_SIGMA, pm[k], ps[k], LOG(scale))                              \
             else if (pm)                                                                      \
-                KL_TERMS(T, LOG_SIGMA, LOG, pm[k], ps_value)                                  \
+                KL_TERMS(T, LOG_SIGMA, pm[k], ps_value, log_scale)                            \
             else if (ps)                                                                      \
-                KL_TERMS(T, LOG_SIGMA, LOG, pm_value, ps[k])                                  \
+                KL_TERMS(T, LOG_SIGMA, pm_value, ps[k], LOG(scale))                           \
             else                                                                              \
-                KL_TERMS(T, LOG_SIGMA, LOG, pm_value, ps_value)                               \
+                KL_TERMS(T, LOG_SIGMA, pm_value, ps_value, log_scale)                         \
             int64_t i = 0;                                                                    \
             for (; i + 8 <= m; i += 8)                                                        \
                 for (int j = 0; j < 8; j++) total[j] += (double)terms[i + j];                 \

@@ -131,26 +131,40 @@ def closed_form_kl(posterior: Any, prior: Any, sigmas: list[Tensor] | None = Non
     return _total(terms)
 
 
-def _fused_kl(nodes: list[Any], priors: list[Any], sigmas: list[Tensor] | None) -> Tensor | None:
-    """The KL by the CPU kernels (one pass forward, one backward), or None where they do not
-    serve: Gaussian nodes of one dtype under Gaussian priors that are numbers or tensors shaped
-    like ``mu`` (and not trained), in eager code (``_fused``)."""
+def kernel_priors(posterior: Any, prior: Any) -> dict[int, Any] | None:
+    """Each Gaussian node's prior in the form the CPU kernels take (``_fused.PriorTerms``),
+    keyed by the node's flat leaf index, where every node has a closed-form Gaussian KL they
+    serve; else None. Internal (``nelbo`` hands it to ``sample_with_kl``)."""
+    indices, nodes, priors = _pair_with_priors(posterior, prior)
+    terms = _kernel_terms(nodes, priors)
+    return None if terms is None else dict(zip(indices, terms, strict=True))
+
+
+def _kernel_terms(nodes: list[Any], priors: list[Any]) -> list[Any] | None:
     if not nodes or not all(
         isinstance(n, GAUSSIAN_FAMILIES) and isinstance(p, GaussianPrior)
         for n, p in zip(nodes, priors, strict=True)
     ):
-        return None
-    mus, rhos = [n.mu for n in nodes], [n.rho for n in nodes]
-    if not _fused.eager(mus + rhos):
         return None
     terms = [_fused.prior_terms(n.mu, p.mu, p.sigma) for n, p in zip(nodes, priors, strict=True)]
     if any(t is None for t in terms):
         return None
     for p in priors:
         _check_positive(p.sigma, "prior.sigma")
+    return terms
+
+
+def _fused_kl(nodes: list[Any], priors: list[Any], sigmas: list[Tensor] | None) -> Tensor | None:
+    """The KL by the CPU kernels (one pass forward, one backward), or None where they do not
+    serve: Gaussian nodes of one dtype under Gaussian priors that are numbers or tensors shaped
+    like ``mu`` (and not trained), in eager code (``_fused``)."""
+    mus, rhos = [n.mu for n in nodes], [n.rho for n in nodes]
+    terms = _kernel_terms(nodes, priors) if _fused.eager(mus + rhos) else None
+    if terms is None:
+        return None
     with torch.no_grad():
         values = [n.sigma for n in nodes] if sigmas is None else sigmas
-    return _fused.gaussian_kl(mus, rhos, values, terms)  # type: ignore[arg-type]
+    return _fused.gaussian_kl(mus, rhos, values, terms)
 
 
 def kl_from_draws(posterior: Any, prior: Any, draws: Any, *, stop_gradient: bool = False) -> Tensor:

@@ -24,8 +24,14 @@ from tbfunc._concurrency import exclusive
 from tbfunc._forward import Strategy, Weights, index, pin_fixed_rows, run
 from tbfunc._predicting import dropout_keys, prepare
 from tbfunc._rng_guard import rng_guard
-from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
-from tbfunc.kl import accumulation_dtype, closed_form_kl, has_closed_form, kl_from_draws
+from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_with_kl
+from tbfunc.kl import (
+    accumulation_dtype,
+    closed_form_kl,
+    has_closed_form,
+    kernel_priors,
+    kl_from_draws,
+)
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior
 
@@ -119,7 +125,11 @@ def nelbo(
         with torch.no_grad() if fused else contextlib.nullcontext():
             sigmas = {i: leaf.sigma for i, leaf in gaussian.items()}
         sample_keys = _threefry.split(key, count)
-        draws = sample_many(posterior, sample_keys, sigmas, check=False, validated=True)
+        # fused: the closed-form KL rides along with the draw, its gradient added in one pass
+        terms = kernel_priors(posterior, prior) if fused and not stick_the_landing else None
+        draws, fused_kl = sample_with_kl(
+            posterior, sample_keys, sigmas, terms, check=False, validated=True
+        )
         pinned = pin_fixed_rows(module, names, draws)
         masks = dropout_keys(sample_keys) if dropout else None
         weights = Weights({names[n]: w for n, w in pinned.items()}, count, masks)
@@ -138,7 +148,9 @@ def nelbo(
                 outputs = run(module, weights, args, kwargs, "vmap", "nelbo", fallback=auto)
                 losses = [batch_nll(index(outputs, s)) for s in range(count)]
     nll = torch.stack(losses).mean()
-    if not posterior:
+    if fused_kl is not None:
+        kl = fused_kl
+    elif not posterior:
         kl = torch.zeros((), dtype=nll.dtype, device=nll.device)
     elif has_closed_form(posterior, prior) and not stick_the_landing:
         kl = closed_form_kl(posterior, prior, [sigmas[i] for i in sorted(sigmas)])
