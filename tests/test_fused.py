@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import tbfunc as tb
 from helpers import data, mlp
-from tbfunc import _fused, _native, _parallel
+from tbfunc import _fused, _native, _noise, _parallel
 
 needs_kernel = pytest.mark.skipif(_native.kernel() is None, reason="needs a C compiler")
 pytestmark = needs_kernel
@@ -200,6 +200,46 @@ def test_one_thread_and_many_give_the_same_kernel_results(monkeypatch):
             ):
                 assert torch.equal(a, b)
         assert other[2] == pytest.approx(first[2], rel=1e-12)  # partial sums in float64
+
+
+def test_the_draw_keeps_exactly_the_noise_it_used(monkeypatch):
+    """The kernel writes eps beside each draw (for the backward), at the right offset when a
+    thread starts mid-segment: it must equal the noise op's eps, element for element."""
+    shapes = [(33, 7), (33,), (5, 33)]
+    mus = [data(*s, seed=i) for i, s in enumerate(shapes)]
+    sigmas = [data(*s, seed=10 + i).abs() for i, s in enumerate(shapes)]
+    keys = tb.random.split(tb.random.key(3), 3)
+    hashes = [11, 22, 33]
+    numels = [m.numel() for m in mus]
+    expected = _noise.noise(keys, hashes, numels, torch.float32, torch.device("cpu"))
+    expected = [
+        e.view(3, *m.shape)
+        for e, m in zip(expected.split([3 * n for n in numels]), mus, strict=True)
+    ]
+    threads = torch.get_num_threads()
+    try:
+        for count, smallest in ((1, 1 << 16), (2, 7), (3, 5)):
+            torch.set_num_threads(count)
+            monkeypatch.setattr(_noise, "_PARALLEL_MIN_NUMEL", smallest)
+            draws, noise = _noise.gaussian_with_noise(keys, hashes, mus, sigmas)
+            for draw, eps, want, mu, sigma in zip(draws, noise, expected, mus, sigmas, strict=True):
+                assert torch.equal(eps, want)
+                assert torch.equal(draw, mu + sigma * want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_very_negative_rho_takes_the_same_branch_as_the_tensor_op_route(monkeypatch):
+    """Below rho = -20, d log(sigma) / d rho is 1 (softplus underflows there in float32)."""
+    net, post, x, y = _setup()
+    with torch.no_grad():
+        for node in post.values():
+            node.rho.view(-1)[::2] = -25.0
+    key = tb.random.key(13)
+    fused = _grads(monkeypatch, True, net, post, key, x, y)
+    plain = _grads(monkeypatch, False, net, post, key, x, y)
+    for a, b in zip(fused[1], plain[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_the_route_steps_aside_under_torch_func(monkeypatch):
