@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--samples", type=int, help="override every workload's S")
     parser.add_argument("--batch", type=int, help="override every workload's batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads on the CPU")
+    parser.add_argument(
+        "--train-threads", default="1,2", help="CPU thread counts of the training tables"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip tb.predict compiled")
     parser.add_argument("--quick", action="store_true", help="smoke run: S=2, B=2, 1 repeat")
     parser.add_argument("--out", default="bench-results")
@@ -88,19 +91,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
                     )
                 )
             if "train" in sections:
-                for steps in (1, 4):
-                    runs = training.contenders(model, x, y, steps)
-                    markdown.append(
-                        _section(
-                            report,
-                            f"{title}: training step, {steps} sample(s)",
-                            runs,
-                            {},
-                            args,
-                            device,
-                            baseline="deterministic step",
+                for threads in _train_threads(args, device):
+                    for steps in (1, 4):
+                        markdown.append(
+                            _training(report, model, x, y, steps, threads, title, args, device)
                         )
-                    )
             if "io" in sections and device.type == "cpu":
                 markdown.append(
                     _section(
@@ -186,6 +181,35 @@ def _section(report, title, runs, costs, args, device, *, baseline) -> str:
     )
     columns = ["contender", "median ms", "min-max ms", f"x {baseline}", "note"]
     return f"## {title}\n\n" + table(rows, columns) + extra
+
+
+def _train_threads(args, device) -> list[int | None]:
+    if device.type != "cpu":
+        return [None]
+    return [int(t) for t in args.train_threads.split(",")]
+
+
+def _training(report, model, x, y, steps, threads, title, args, device) -> str:
+    """One training table (at ``threads`` CPU threads) and the fused step's breakdown."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        where = "" if threads is None else f", {threads} thread(s)"
+        section = _section(
+            report,
+            f"{title}: training step, {steps} sample(s){where}",
+            training.contenders(model, x, y, steps),
+            {},
+            args,
+            device,
+            baseline="deterministic step",
+        )
+        parts = training.breakdown(model, x, y, steps)
+        line = ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
+        return f"{section}\n\ntbfunc nelbo + tb.optim.Adam, ms per step (profiler): {line}"
+    finally:
+        torch.set_num_threads(before)
 
 
 def _overhead(report, args, device) -> str:

@@ -25,7 +25,14 @@ def contenders(
 ) -> dict[str, Callable[[], object]]:
     runs = {
         "deterministic step": deterministic(model, x, y),
-        "tbfunc nelbo + Adam": tbfunc_step(model, x, y, num_samples),
+        "deterministic step, tb.optim.Adam": deterministic(model, x, y, tb.optim.Adam),
+        "tbfunc nelbo + torch Adam, tensor ops (TBFUNC_FUSED=0)": _unfused(
+            tbfunc_step(model, x, y, num_samples)
+        ),
+        "tbfunc nelbo + torch Adam": tbfunc_step(model, x, y, num_samples),
+        "tbfunc nelbo + tb.optim.Adam (fused)": tbfunc_step(
+            model, x, y, num_samples, tb.optim.Adam
+        ),
     }
     if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
@@ -35,14 +42,33 @@ def contenders(
     return runs
 
 
-def deterministic(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+def deterministic(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: type = torch.optim.Adam
+) -> Callable[[], object]:
     """The floor: the base model's own step (no sampling, no KL)."""
     net = copy.deepcopy(model)
-    return _adam_step(list(net.parameters()), lambda: F.cross_entropy(net(x), y))
+    return _adam_step(list(net.parameters()), lambda: F.cross_entropy(net(x), y), optimizer)
+
+
+def _unfused(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with tbfunc's fused route switched off: the tensor-op route it replaced."""
+
+    def run() -> object:
+        os.environ["TBFUNC_FUSED"] = "0"
+        try:
+            return step()
+        finally:
+            del os.environ["TBFUNC_FUSED"]
+
+    return run
 
 
 def tbfunc_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_samples: int,
+    optimizer: type = torch.optim.Adam,
 ) -> Callable[[], object]:
     posterior = tb.from_module(model, rho=RHO)
     counter = iter(range(10**9))
@@ -61,7 +87,30 @@ def tbfunc_step(
             num_samples=num_samples,
         )
 
-    return _adam_step(tb.parameters(posterior), loss)
+    return _adam_step(tb.parameters(posterior), loss, optimizer)
+
+
+def breakdown(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int, steps: int = 10
+) -> dict[str, float]:
+    """Where the fused step's time goes, in ms per step, from torch.profiler's self times: the
+    draw (with the KL's value), ``softplus``, the draw's backward (with the KL's gradient),
+    the optimizer update, and the model's own forward and backward (the rest, with Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = tbfunc_step(model, x, y, num_samples, tb.optim.Adam)
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    parts = {"draw + KL": "_Draw", "softplus": "aten::softplus"}
+    parts |= {"draw/KL backward": "_DrawBackward", "update": "Optimizer.step#Adam.step"}
+    totals = {name: 0.0 for name in (*parts, "model forward/backward + rest")}
+    for event in prof.key_averages():
+        name = next((k for k, v in parts.items() if event.key == v), None)
+        totals[name or "model forward/backward + rest"] += event.self_cpu_time_total / 1e3
+    return {name: value / steps for name, value in totals.items()}
 
 
 def von_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
@@ -218,10 +267,13 @@ def run_in_child(code: str) -> str:
 
 
 def _adam_step(
-    params: list[torch.Tensor], loss: Callable[[], torch.Tensor]
+    params: list[torch.Tensor],
+    loss: Callable[[], torch.Tensor],
+    optimizer: type = torch.optim.Adam,
 ) -> Callable[[], object]:
-    """One Adam step on ``loss()``: the same optimizer and settings for every contender."""
-    opt = torch.optim.Adam(params, lr=1e-4)
+    """One Adam step on ``loss()``: the same settings for every contender (``optimizer`` is
+    ``torch.optim.Adam`` or ``tb.optim.Adam``, the same update)."""
+    opt = optimizer(params, lr=1e-4)
 
     def step() -> object:
         value = loss()
