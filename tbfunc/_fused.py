@@ -20,6 +20,7 @@ formulas in tensor ops, so double backward still works.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -30,7 +31,16 @@ from torch import Tensor, nn
 
 from tbfunc import _native, _noise, _parallel
 
-__all__ = ["PriorTerms", "adam_step", "draw", "gaussian_kl", "prior_terms", "trainable"]
+__all__ = [
+    "PriorTerms",
+    "adam_step",
+    "draw",
+    "eager",
+    "gaussian_kl",
+    "prior_terms",
+    "trainable",
+    "von_step",
+]
 
 _TYPES = (torch.float32, torch.float64)
 _SMALL_RHO = -20.0  # as in kl.py and _train.c: below it log(softplus(rho)) is rho
@@ -386,5 +396,47 @@ def adam_step(
 
     def run(begin: int, end: int) -> None:
         library.tb_adam(kind, len(params), *tables, node_table, hyper, begin, end)
+
+    _parallel.split(sum(numels), run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Variational online Newton
+
+
+def von_step(
+    tensors: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
+    gbars: list[Tensor],
+    hs: list[Tensor],
+    centres: list[Tensor] | None,
+    deltas: list[float],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    num_data: int,
+    clip: float | None,
+) -> None:
+    """``tbfunc.optim``'s VON update of every node in place, in one pass: ``tensors`` is
+    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw."""
+    mus, rhos, grad_mus, grad_rhos = tensors
+    numels = [m.numel() for m in mus]
+    tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs))]
+    centre_table = None if centres is None else _addresses([c.contiguous() for c in centres])
+    delta_table = (ctypes.c_double * len(deltas))(*deltas)
+    hyper = (ctypes.c_double * 7)(
+        1 - beta1,
+        1 - beta2,
+        (1 - beta2) ** 2 / 2,
+        1 / (1 - beta1**step),
+        lr,
+        float(num_data),
+        math.inf if clip is None else clip,
+    )
+    library, kind = _library(), _kind(mus[0].dtype)
+
+    def run(begin: int, end: int) -> None:
+        library.tb_von(kind, len(mus), *tables, centre_table, delta_table, hyper, begin, end)
 
     _parallel.split(sum(numels), run)

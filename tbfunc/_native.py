@@ -100,6 +100,7 @@ _SYMBOLS = (
     "tb_kl",
     "tb_kl_grad",
     "tb_adam",
+    "tb_von",
 )
 
 
@@ -126,7 +127,8 @@ def _load(path: Path) -> ctypes.CDLL | None:
         *(_I32, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64)
     ]
     library.tb_adam.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
-    for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam"):
+    library.tb_von.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
+    for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam", "tb_von"):
         getattr(library, name).restype = None
     return library
 

@@ -301,3 +301,90 @@ void tb_adam(int32_t dtype, int64_t nodes, table numels, table params, table gra
                         hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]);
     });
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Variational online Newton (tbfunc.optim's docstring has the equations), in place, from
+ * mu.grad = g and rho.grad = g eps sigmoid(rho):
+ *   sigma = softplus(rho), h_hat = (rho.grad / sigmoid(rho)) / sigma;
+ *   gbar = lerp(gbar, g, 1 - beta1);
+ *   h = lerp(h, h_hat, 1 - beta2) + ((1 - beta2)^2 / 2) (h - h_hat)^2 / (h + delta)  (old h);
+ *   d = ((mu - centre) delta + gbar / (1 - beta1^t)) / (h + delta), clipped to [-clip, clip];
+ *   mu = mu - lr d;  sigma' = 1 / sqrt(N (h + delta));  rho = sigma' + log(-expm1(-sigma')).
+ * hyper: 1 - beta1, 1 - beta2, (1 - beta2)^2 / 2, 1 / (1 - beta1^t), lr, N, clip (inf: none). */
+
+static inline float log1p32(float t) {
+    /* ln(1 + t) for t in [0, 1]: ln(u) t / (u - 1) with u = 1 + t corrects u's rounding */
+    float u = 1.0f + t;
+    float d = u - 1.0f;
+    return d == 0.0f ? t : ln32(u) * (t / d);
+}
+
+static inline float softplus32(float r) {
+    float t = exp32(-__builtin_fabsf(r));
+    return (r > 0.0f ? r : 0.0f) + log1p32(t);
+}
+
+static inline double softplus64(double r) { return (r > 0.0 ? r : 0.0) + log1p(exp(-fabs(r))); }
+
+static inline float inverse_softplus32(float s) {
+    /* s + ln(1 - e^-s), s > 0: 1 - e^-s by its series below 1/2 (no cancellation) */
+    float z = s * s;
+    float p = 1.0f / 720 - s * (1.0f / 5040);
+    p = 1.0f / 120 - s * p;
+    p = 1.0f / 24 - s * p;
+    p = 1.0f / 6 - s * p;
+    float series = s - z * (0.5f - s * p);
+    float direct = 1.0f - exp32(-s);
+    return s + ln32(s < 0.5f ? series : direct);
+}
+
+static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); }
+
+#define VON_LOOP(T, SIGMOID, SOFTPLUS, INVERSE, SQRT, PULL)                                   \
+    for (int64_t k = a; k < b; k++) {                                                          \
+        T sigma = SOFTPLUS(rho[k]);                                                            \
+        T h_hat = (gr[k] / SIGMOID(rho[k])) / sigma;                                           \
+        T g = gm[k], m = gbar[k], old = h[k];                                                  \
+        m = m + w1 * (g - m);                                                                  \
+        T gap = old - h_hat;                                                                   \
+        T fresh = old + w2 * (h_hat - old) + correction * ((gap * gap) / (old + delta));       \
+        T precision = fresh + delta;                                                           \
+        T d = ((PULL) * delta + m * bc1) / precision;                                          \
+        d = d < -clip ? -clip : (d > clip ? clip : d);                                         \
+        gbar[k] = m;                                                                           \
+        h[k] = fresh;                                                                          \
+        mu[k] = mu[k] - lr * d;                                                                \
+        rho[k] = INVERSE((T)1 / SQRT(precision * n));                                          \
+    }
+
+/* one loop with a centre and one without, so that each vectorises; no clip: clip = inf */
+#define VON(T, SIGMOID, SOFTPLUS, INVERSE, SQRT)                                               \
+    static void von_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,                  \
+                        const T *restrict gm, const T *restrict gr, T *restrict gbar,          \
+                        T *restrict h, const T *restrict centre, T delta,                      \
+                        const double *hyper) {                                                 \
+        T w1 = (T)hyper[0], w2 = (T)hyper[1], correction = (T)hyper[2];                        \
+        T bc1 = (T)hyper[3], lr = (T)hyper[4], n = (T)hyper[5], clip = (T)hyper[6];            \
+        if (centre)                                                                            \
+            VON_LOOP(T, SIGMOID, SOFTPLUS, INVERSE, SQRT, mu[k] - centre[k])                   \
+        else                                                                                   \
+            VON_LOOP(T, SIGMOID, SOFTPLUS, INVERSE, SQRT, mu[k])                               \
+    }
+
+VON(float, sigmoid32, softplus32, inverse_softplus32, __builtin_sqrtf)
+VON(double, sigmoid64, softplus64, inverse_softplus64, sqrt)
+
+void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, table grad_mus,
+            table grad_rhos, table gbars, table hs, table centres, const double *deltas,
+            const double *hyper, int64_t begin, int64_t end) {
+    FOR_NODES(nodes, numels, begin, end, {
+        if (dtype == 0)
+            von_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grad_mus[l],
+                      (const float *)grad_rhos[l], (float *)gbars[l], (float *)hs[l],
+                      centres ? (const float *)centres[l] : 0, (float)deltas[l], hyper);
+        else
+            von_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grad_mus[l],
+                       (const double *)grad_rhos[l], (double *)gbars[l], (double *)hs[l],
+                       centres ? (const double *)centres[l] : 0, deltas[l], hyper);
+    });
+}

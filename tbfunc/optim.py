@@ -251,6 +251,8 @@ class VON(torch.optim.Optimizer):
                     state["hessian"] = torch.full_like(mu, config.hess_init)
                 state["step"] += 1
             states = [self.state[mu] for mu in mus]
+            if self._fused_step(config, mus, rhos, states, deltas):
+                continue
             rho_grads = [rho.grad for rho in rhos]
             # d theta / d rho = eps * sigmoid(rho), so rho.grad / sigmoid(rho) = g * eps
             g_eps = torch._foreach_div(rho_grads, torch._foreach_sigmoid(rhos))
@@ -273,6 +275,42 @@ class VON(torch.optim.Optimizer):
                 rho.copy_(new_rho)
                 state["momentum"], state["hessian"] = gbar, h
         return loss
+
+    def _fused_step(
+        self,
+        config: _Config,
+        mus: list[Tensor],
+        rhos: list[Tensor],
+        states: list[dict[str, Tensor]],
+        deltas: dict[str, float | Tensor],
+    ) -> bool:
+        """The update by one C pass (``_fused.von_step``), where it serves: CPU float32/float64
+        tensors of one dtype, contiguous, with a scalar prior precision per node."""
+        grads = [t.grad for t in (*mus, *rhos)]
+        gbars = [state["momentum"] for state in states]
+        hs = [state["hessian"] for state in states]
+        centres = None if self._prior_mean is None else [self._prior_mean[n] for n in self._names]
+        tensors = [*mus, *rhos, *grads, *gbars, *hs, *(centres or [])]
+        precisions = [deltas[n] for n in self._names]
+        if not _fused.eager(tensors) or not all(t.is_contiguous() for t in tensors):  # type: ignore[arg-type,union-attr]
+            return False
+        if any(isinstance(d, Tensor) and d.numel() != 1 for d in precisions):
+            return False
+        step = int(states[0]["step"])
+        _fused.von_step(
+            (mus, rhos, [mu.grad for mu in mus], [rho.grad for rho in rhos]),  # type: ignore[misc]
+            gbars,
+            hs,
+            centres,
+            [float(d) for d in precisions],
+            step=step,
+            lr=config.lr(step) if callable(config.lr) else config.lr,
+            beta1=config.beta1,
+            beta2=config.beta2,
+            num_data=config.num_data,
+            clip=config.clip,
+        )
+        return True
 
 
 class Adam(torch.optim.Adam):

@@ -377,3 +377,76 @@ def test_adam_takes_a_posterior_and_a_closure():
     for name, node in post.items():
         assert not torch.equal(node.mu.detach(), before[name][0])
         assert not torch.equal(node.rho.detach(), before[name][1])
+
+
+# -- tb.optim.VON's fused update -----------------------------------------------------------------
+
+
+def _von_run(monkeypatch, fused, dtype, steps=6, **options):
+    monkeypatch.setenv("TBFUNC_FUSED", "1" if fused else "0")
+    net, post, x, y = _setup(dtype)
+    options = {"lr": 0.05, **options}
+    opt = tb.optim.VON(post, num_data=100, hess_init=0.3, beta2=0.99, **options)
+    for step in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(tb.functional_call(net, post, tb.random.key(step), x), y).backward()
+        opt.step()
+    states = [opt.state[node.mu] for node in post.values()]
+    return post, states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"clip": 1e-3},  # binds: the clipped and the unclipped step differ
+        {"prior_scale": "node"},
+        {"prior_mean": "half"},
+        {"lr": 0.2, "beta1": 0.5},
+    ],
+    ids=["plain", "clip", "node", "centred", "lr-beta1"],
+)
+def test_von_fused_update_equals_the_tensor_op_update(monkeypatch, dtype, options):
+    options = dict(options)
+    if options.get("prior_mean") == "half":
+        _, post, _, _ = _setup(dtype)
+        options["prior_mean"] = {n: node.mu.detach() * 0.5 for n, node in post.items()}
+    fused, fused_states = _von_run(monkeypatch, True, dtype, **options)
+    plain, plain_states = _von_run(monkeypatch, False, dtype, **options)
+    tight = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    for name in fused:
+        torch.testing.assert_close(fused[name].mu, plain[name].mu, **tight)
+        torch.testing.assert_close(fused[name].rho, plain[name].rho, **tight)
+    for a, b in zip(fused_states, plain_states, strict=True):
+        torch.testing.assert_close(a["hessian"], b["hessian"], **tight)
+        torch.testing.assert_close(a["momentum"], b["momentum"], **tight)
+
+
+def test_von_clip_and_the_centre_change_the_fused_result(monkeypatch):
+    """Both options reach the kernel: ignoring either would leave the result unchanged."""
+    base, _ = _von_run(monkeypatch, True, torch.float64)
+    clipped, _ = _von_run(monkeypatch, True, torch.float64, clip=1e-3)
+    _, post, _, _ = _setup(torch.float64)
+    centres = {n: node.mu.detach() + 1.0 for n, node in post.items()}
+    centred, _ = _von_run(monkeypatch, True, torch.float64, prior_mean=centres)
+    for name in base:
+        assert not torch.allclose(base[name].mu, clipped[name].mu)
+        assert not torch.allclose(base[name].mu, centred[name].mu)
+
+
+def test_inverse_softplus_is_accurate_for_tiny_and_large_sigma(monkeypatch):
+    """rho = softplus^-1(1 / sqrt(N (h + delta))): a huge N (sigma ~ 1e-6) and a tiny one
+    (sigma ~ 3) must both give the tensor-op route's rho (a naive log(1 - exp(-sigma)) loses
+    every digit at sigma = 1e-6 in float32)."""
+    for num_data in (10**12, 1):
+        results = []
+        for fused in (True, False):
+            monkeypatch.setenv("TBFUNC_FUSED", "1" if fused else "0")
+            net, post, x, y = _setup()
+            opt = tb.optim.VON(post, lr=0.01, num_data=num_data, hess_init=0.1)
+            F.cross_entropy(tb.functional_call(net, post, tb.random.key(0), x), y).backward()
+            opt.step()
+            results.append([node.rho.detach().clone() for node in post.values()])
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
