@@ -437,16 +437,23 @@ def test_von_clip_and_the_centre_change_the_fused_result(monkeypatch):
 
 def test_inverse_softplus_is_accurate_for_tiny_and_large_sigma(monkeypatch):
     """rho = softplus^-1(1 / sqrt(N (h + delta))): a huge N (sigma ~ 1e-6) and a tiny one
-    (sigma ~ 3) must both give the tensor-op route's rho (a naive log(1 - exp(-sigma)) loses
-    every digit at sigma = 1e-6 in float32)."""
+    (sigma ~ 3) must both give the tensor-op route's rho and, a step later, the curvature
+    estimate read through softplus(rho) (a naive log(1 - exp(-sigma)) or log(1 + exp(rho))
+    loses every digit at sigma = 1e-6 in float32)."""
     for num_data in (10**12, 1):
         results = []
         for fused in (True, False):
             monkeypatch.setenv("TBFUNC_FUSED", "1" if fused else "0")
             net, post, x, y = _setup()
             opt = tb.optim.VON(post, lr=0.01, num_data=num_data, hess_init=0.1)
-            F.cross_entropy(tb.functional_call(net, post, tb.random.key(0), x), y).backward()
-            opt.step()
-            results.append([node.rho.detach().clone() for node in post.values()])
+            for step in range(2):  # the second reads softplus(rho) of the first's tiny sigma
+                opt.zero_grad()
+                out = tb.functional_call(net, post, tb.random.key(step), x)
+                F.cross_entropy(out, y).backward()
+                opt.step()
+            results.append(
+                [node.rho.detach().clone() for node in post.values()]
+                + [opt.state[node.mu]["hessian"].clone() for node in post.values()]
+            )
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
