@@ -23,7 +23,8 @@ def test_quick_scoreboard(tmp_path):
             ]
         )
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 14
+    # 14 tables, the training ones at 1 and 2 threads (4 more)
+    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 18
     tiny = {r["name"]: r for r in saved["runs"][0]["results"]}
     for name in ("floor", "floor + rng", "tb.predict", "tb.sample", "torchbayesian vmap"):
         assert tiny[name]["error"] is None and tiny[name]["median_s"] > 0, name
@@ -32,8 +33,19 @@ def test_quick_scoreboard(tmp_path):
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
     von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == "tbfunc VON step"]
-    assert len(von) == 2 and all(r["error"] is None and r["median_s"] > 0 for r in von)
+    assert len(von) == 4 and all(r["error"] is None and r["median_s"] > 0 for r in von)
+    training = [run for run in saved["runs"] if "training step" in run["title"]]
+    assert {run["title"].rsplit(", ", 1)[1] for run in training} == {"1 thread(s)", "2 thread(s)"}
+    for run in training:
+        rows = {r["name"]: r for r in run["results"]}
+        for name in (
+            "tbfunc nelbo + tb.optim.Adam (fused)",
+            "tbfunc nelbo + torch Adam, tensor ops (TBFUNC_FUSED=0)",
+            "deterministic step, tb.optim.Adam",
+        ):
+            assert rows[name]["error"] is None and rows[name]["median_s"] > 0, name
     text = (tmp_path / "results.md").read_text()
+    assert text.count("tbfunc nelbo + tb.optim.Adam, ms per step (profiler): draw + KL ") == 8
     assert "| W1 MLP 784-512-512-10, S=2 |" in text  # the sharded-predict scaling table
     assert "| tb.predict |" in text
     # W1 (an MLP) is timed, W2 (convolutions) is a loop without timing
