@@ -84,6 +84,13 @@ def check_positive_int(value: Any, arg: str) -> int:
     return number
 
 
+def check_positive(value: float | Tensor, arg: str) -> None:
+    """A number, or a tensor every element of which, above zero (a scale, a precision)."""
+    positive = bool((value > 0).all()) if isinstance(value, Tensor) else value > 0
+    if not positive:
+        fail(arg, "positive", value)
+
+
 def check_optional_positive_int(value: Any, arg: str) -> int | None:
     return None if value is None else check_positive_int(value, arg)
 

@@ -398,6 +398,7 @@ def adam_step(
         library.tb_adam(kind, len(params), *tables, node_table, hyper, begin, end)
 
     _parallel.split(sum(numels), run)
+    _written(params, exp_avgs, exp_avg_sqs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,3 +441,11 @@ def von_step(
         library.tb_von(kind, len(mus), *tables, centre_table, delta_table, hyper, begin, end)
 
     _parallel.split(sum(numels), run)
+    _written(mus, rhos, gbars, hs)
+
+
+def _written(*groups: list[Tensor]) -> None:
+    """Bump the version counter of tensors a kernel wrote in place: writes through a data
+    pointer bypass it, and autograd's saved-tensor checks and tbfunc's finiteness cache
+    (``_sampling.check_finite``) read it to learn that a tensor changed."""
+    torch.autograd.graph.increment_version([t for group in groups for t in group])

@@ -335,7 +335,10 @@ static inline float inverse_softplus32(float s) {
     p = 1.0f / 6 - s * p;
     float series = s - z * (0.5f - s * p);
     float direct = 1.0f - exp32(-s);
-    return s + ln32(s < 0.5f ? series : direct);
+    /* sigma' = 0 (h overflowed): -inf, as log(-expm1(-0)) gives, so the next step's finiteness
+     * check reports the divergence instead of ln32 returning a finite ln(0) */
+    float value = s + ln32(s < 0.5f ? series : direct);
+    return s == 0.0f ? -__builtin_inff() : value;
 }
 
 static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); }

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tbfunc import _fused, _threefry
-from tbfunc._checks import check_key, check_optional_positive_int, fail
+from tbfunc._checks import check_key, check_optional_positive_int, check_positive, fail
 from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
-from tbfunc.prior import GaussianPrior, LaplacePrior, _check_positive, is_prior
+from tbfunc.prior import GaussianPrior, LaplacePrior, is_prior
 
 __all__ = ["accumulation_dtype", "kl_divergence", "log_softplus"]
 
@@ -123,10 +123,10 @@ def closed_form_kl(posterior: Any, prior: Any, sigmas: list[Tensor] | None = Non
     for i, (node, p) in enumerate(zip(nodes, priors, strict=True)):
         sigma = node.sigma if sigmas is None else sigmas[i]
         if isinstance(p, GaussianPrior):
-            _check_positive(p.sigma, "prior.sigma")
+            check_positive(p.sigma, "prior.sigma")
             terms.append(gaussian_kl(node.mu, node.rho, p.mu, p.sigma, sigma=sigma))
         else:
-            _check_positive(p.b, "prior.b")
+            check_positive(p.b, "prior.b")
             terms.append(gaussian_laplace_kl(node.mu, node.rho, p.mu, p.b).sum())
     return _total(terms)
 
@@ -150,7 +150,7 @@ def _kernel_terms(nodes: list[Any], priors: list[Any]) -> list[Any] | None:
     if any(t is None for t in terms):
         return None
     for p in priors:
-        _check_positive(p.sigma, "prior.sigma")
+        check_positive(p.sigma, "prior.sigma")
     return terms
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, Laplace, MixtureSameFamily, Normal
 
-from tbfunc._checks import check_tensor, fail
+from tbfunc._checks import check_positive, check_tensor, fail
 from tbfunc._concurrency import exclusive
 from tbfunc.posterior import GAUSSIAN_FAMILIES
 
@@ -45,7 +45,7 @@ class GaussianPrior(NamedTuple):
         fine-tuned Bayesian model usually wants.
         """
         param = check_tensor(param, "param")
-        _check_positive(sigma, "sigma")
+        check_positive(sigma, "sigma")
         return cls(param.detach().clone(), sigma)
 
     @property
@@ -233,14 +233,8 @@ def _tensor(value: float | Tensor, like: Tensor | None = None) -> Tensor:
     return torch.tensor(float(value), dtype=like.dtype, device=like.device)
 
 
-def _check_positive(value: float | Tensor, arg: str) -> None:
-    positive = bool((value > 0).all()) if isinstance(value, Tensor) else value > 0
-    if not positive:
-        fail(arg, "positive", value)
-
-
 def _check_mixture(prior: ScaleMixturePrior) -> None:
     if not 0 < prior.pi < 1:
         fail("pi", "in (0, 1)", prior.pi)
-    _check_positive(prior.sigma1, "sigma1")
-    _check_positive(prior.sigma2, "sigma2")
+    check_positive(prior.sigma1, "sigma1")
+    check_positive(prior.sigma2, "sigma2")

@@ -457,3 +457,39 @@ def test_inverse_softplus_is_accurate_for_tiny_and_large_sigma(monkeypatch):
             )
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_diverged_curvature_gives_the_tensor_op_routes_infinite_rho(monkeypatch):
+    """h = inf makes rho non-finite on both routes (nan: the correction term is inf / inf),
+    so the next draw's finiteness check names the diverged node instead of training on with a
+    made-up finite rho; and the kernel's in-place writes must reach the finiteness cache (the
+    version counter) for that check to look again."""
+    results = []
+    for fused in (True, False):
+        monkeypatch.setenv("TBFUNC_FUSED", "1" if fused else "0")
+        net, post, x, y = _setup()
+        opt = tb.optim.VON(post, lr=0.01, num_data=100)
+        F.cross_entropy(tb.functional_call(net, post, tb.random.key(0), x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        first = next(iter(post.values()))
+        opt.state[first.mu]["hessian"].view(-1)[0] = float("inf")
+        F.cross_entropy(tb.functional_call(net, post, tb.random.key(1), x), y).backward()
+        opt.step()
+        results.append(str(first.rho.detach().view(-1)[0].item()))
+        with pytest.raises(ValueError, match="must be finite"):
+            tb.functional_call(net, post, tb.random.key(2), x)
+    assert results == ["nan", "nan"]
+
+
+def test_adam_in_place_writes_are_seen_by_autograd():
+    """A graph that saved a parameter must refuse to backward after the step changed it, as
+    with torch.optim.Adam (a kernel write bypasses the version counter unless bumped)."""
+    for optimizer in (tb.optim.Adam, torch.optim.Adam):
+        weight = data(4, 3, dtype=torch.float64).requires_grad_()
+        opt = optimizer([weight], lr=0.1)
+        (weight * weight).sum().backward()
+        stale = (weight * weight).sum()  # saves weight at its current version
+        opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            stale.backward()
