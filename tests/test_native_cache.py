@@ -138,3 +138,20 @@ def test_a_missing_compiler_is_named_and_the_warning_points_at_the_caller(scenar
     assert "Fix CC or install it" in message and "about 28x slower" in message
     assert filename == "<string>"
     assert got["value"] == scenarios["good"]["value"]  # the fallback: the same numbers
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """A source or header missing from package-data builds in a checkout but not from a
+    wheel, where every draw would then fall back to the slow path."""
+    import tomllib
+    from pathlib import Path
+
+    from tbfunc import _native
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["tbfunc"]
+    needed = {path.name for path in (*_native._SOURCES, *_native._HEADERS)}
+    assert needed == {"_noise.c", "_train.c", "_cephes.h"}
+    assert needed <= set(shipped)
