@@ -143,8 +143,9 @@ def test_a_missing_compiler_is_named_and_the_warning_points_at_the_caller(scenar
 def test_every_kernel_source_ships_in_the_package():
     """A source or header missing from package-data builds in a checkout but not from a
     wheel, where every draw would then fall back to the slow path."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from tbfunc import _native
 
