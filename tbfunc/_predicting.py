@@ -94,6 +94,12 @@ def prepare(
     names = check_matches(module, posterior)
     check_modes(module, entry, dropout)
     device = weights_device(module, posterior)
+    if device is not None and device.type == "meta":
+        raise ValueError(
+            f"{entry} needs weights with values, got a posterior on the meta device (shapes "
+            "only). Materialise the module first (module.to_empty(device='cpu') and load its "
+            "weights), then build the posterior with tb.from_module."
+        )
     check_inputs(args, kwargs, device, entry)
     return names, device
 

@@ -21,7 +21,12 @@ from torch import Tensor, nn
 
 from tbfunc._checks import check_posterior_dict, fail
 from tbfunc.kl import log_softplus
-from tbfunc.posterior import GaussianPosterior, PretrainedGaussianPosterior, is_posterior
+from tbfunc.posterior import (
+    GAUSSIAN_FAMILIES,
+    GaussianPosterior,
+    PretrainedGaussianPosterior,
+    is_posterior,
+)
 
 __all__ = ["from_posteriors", "from_torchbayesian", "to_posteriors", "to_torchbayesian"]
 
@@ -131,6 +136,14 @@ def from_posteriors(
     ``mu = params``, ``rho = softplus^-1(exp(log_sd))``, stable for very small sigma."""
     if not isinstance(params, dict) or not isinstance(log_sd_diag, dict):
         fail("params and log_sd_diag", "dicts of name -> tensor", params, error=TypeError)
+    if family not in GAUSSIAN_FAMILIES:
+        fail(
+            "family",
+            "tb.PretrainedGaussianPosterior or tb.GaussianPosterior (a Gaussian family: "
+            "posteriors' vi.diag state is Gaussian)",
+            family,
+            error=TypeError,
+        )
     if list(params) != list(log_sd_diag):
         raise ValueError(
             f"params and log_sd_diag must have the same names, got {list(params)[:5]} and "

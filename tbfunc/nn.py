@@ -124,3 +124,11 @@ def _encoded_keys(module: nn.Module, state: dict[str, Any], prefix: str, *rest: 
             dotted = f"{prefix}{name}.{field}"
             if dotted in state:
                 state[prefix + _key(name, field)] = state.pop(dotted)
+            value = state.get(prefix + _key(name, field))
+            own = getattr(module, _key(name, field))
+            if isinstance(value, Tensor) and value.shape != own.shape:
+                raise ValueError(
+                    f"state_dict[{dotted!r}] must have this view's shape {tuple(own.shape)}, got "
+                    f"a tensor of shape {tuple(value.shape)}. It is another model's view (or "
+                    "posterior file): load it into a PosteriorModule of the model it came from."
+                )

@@ -620,3 +620,35 @@ def test_unreadable_files_and_empty_batches_get_named_errors(tmp_path):
     acc = tb.metrics.Accumulator()
     acc.update(nothing, torch.zeros(0, dtype=torch.long))  # streaming: an empty batch adds nothing
     assert acc.count == 0
+
+
+def test_a_posterior_on_the_meta_device_is_refused_by_name():
+    net = mlp().to("meta")
+    post = tb.from_module(net)
+    x = torch.empty(2, 5, device="meta")
+    for call in (
+        lambda: tb.predict(net, post, tb.random.key(0), x, num_samples=2),
+        lambda: tb.functional_call(net, post, tb.random.key(0), x),
+    ):
+        with pytest.raises(ValueError, match="meta device .shapes only.. Materialise the module"):
+            call()
+
+
+def test_from_posteriors_names_a_family_that_is_not_gaussian():
+    params = {"w": torch.zeros(2, 3)}
+    for family in ("str", tb.LaplacePrior, int):
+        with pytest.raises(TypeError, match="family must be tb.PretrainedGaussianPosterior"):
+            tb.interop.from_posteriors(params, {"w": torch.zeros(2, 3)}, family=family)
+
+
+def test_posterior_module_refuses_another_models_view_by_shape():
+    small, large = mlp((5, 4, 3)), mlp((5, 6, 3))
+    view = tb.PosteriorModule(small, tb.from_module(small))
+    other = tb.PosteriorModule(large, tb.from_module(large))
+    with pytest.raises(
+        ValueError,
+        match=r"state_dict\['0.weight.mu'\] must have this view's shape \(4, 5\), got a tensor of shape \(6, 5\)",
+    ):
+        view.load_state_dict(other.state_dict())
+    view.load_state_dict(tb.PosteriorModule(small, tb.from_module(small, rho=-1.0)).state_dict())
+    assert float(view.posterior()["0.weight"].rho.detach().mean()) == -1.0
