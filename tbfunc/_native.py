@@ -168,13 +168,20 @@ def _cached(command: list[str], version: str) -> tuple[Path, str]:
     raise failure
 
 
-def _built(command: list[str], version: str, flags: list[str]) -> tuple[Path, str]:
+def library_name(command: list[str], version: str, flags: list[str]) -> str:
+    """The cached library's file name: a hash of everything the build depends on (every source
+    and header, the compiler command and its version, the flags, the CPU's feature flags), each
+    part length-prefixed so no two different sets of parts hash alike."""
     digest = hashlib.sha256()
     sources = [path.read_text() for path in (*_SOURCES, *_HEADERS)]
-    for part in (*sources, " ".join(command), version, " ".join(flags)):
-        digest.update(part.encode())
-    digest.update(_cpu_fingerprint().encode())
-    name = f"noise-{digest.hexdigest()[:20]}.so"
+    for part in (*sources, " ".join(command), version, " ".join(flags), _cpu_fingerprint()):
+        data = part.encode()
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return f"noise-{digest.hexdigest()[:20]}.so"
+
+
+def _built(command: list[str], version: str, flags: list[str]) -> tuple[Path, str]:
+    name = library_name(command, version, flags)
     folder, note = _writable(_cache_dir())
     target = folder / name
     if _verified(target):

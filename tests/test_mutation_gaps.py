@@ -106,3 +106,35 @@ def test_the_kernel_and_the_tensor_op_fallback_agree_past_a_chunk_boundary():
     for name, node in post.items():
         eps = tb.random.normal(_path_key(key, name), node.mu.shape)
         assert torch.equal(drawn[name], node.mu + node.sigma * eps), name
+
+
+class _Attention(nn.Module):
+    """Scaled-dot-product attention with attention dropout and a chosen ``scale``."""
+
+    def __init__(self, scale, causal=False):
+        super().__init__()
+        self.scale, self.causal = scale, causal
+
+    def forward(self, q, k, v):
+        return nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=0.5, scale=self.scale, is_causal=self.causal
+        )
+
+
+def test_keyed_attention_dropout_keeps_the_users_scale_and_causality():
+    """Planted: the keyed math path of SDPA under MC dropout ignoring ``scale=``."""
+    q, k, v = (data(1, 2, 6, 8, seed=s) for s in (1, 2, 3))
+    key = tb.random.key(5)
+
+    def run(scale, causal=False, values=v):
+        net = _Attention(scale, causal).eval()
+        return tb.functional_call(net, {}, key, (q, k, values), dropout=True)
+
+    default, explicit = run(None), run(8**-0.5)
+    assert torch.allclose(default, explicit, atol=1e-6)  # the same masks, the same factor
+    assert not torch.allclose(run(0.05), default, atol=1e-3)  # another scale is honoured
+    # causal: the first query sees the first key only, whatever the later values are
+    later = v.clone()
+    later[..., 1:, :] += 10.0
+    assert torch.allclose(run(None, True)[..., 0, :], run(None, True, later)[..., 0, :])
+    assert not torch.allclose(run(None, False)[..., 0, :], run(None, False, later)[..., 0, :])

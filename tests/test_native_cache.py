@@ -156,3 +156,34 @@ def test_every_kernel_source_ships_in_the_package():
     needed = {path.name for path in (*_native._SOURCES, *_native._HEADERS)}
     assert needed == {"_noise.c", "_train.c", "_cephes.h"}
     assert needed <= set(shipped)
+
+
+def test_each_part_of_the_cache_key_changes_the_library_name(monkeypatch, tmp_path):
+    """A part left out of the key would load a build made for another source, compiler, flag
+    set or CPU (a shared home on mixed machines: instructions this CPU lacks)."""
+    from tbfunc import _native
+
+    command, version, flags = ["cc"], "cc 1.0", ["-O3", "-march=native"]
+    base = _native.library_name(command, version, flags)
+    assert base == _native.library_name(list(command), version, list(flags))  # deterministic
+    names = {
+        "command": _native.library_name(["clang"], version, flags),
+        "version": _native.library_name(command, "cc 1.1", flags),
+        "flags": _native.library_name(command, version, ["-O3"]),
+        # the parts' boundaries count: "cc" + "1.0" is not "cc1" + ".0"
+        "boundary": _native.library_name(["cc 1.0"], "", flags),
+    }
+    monkeypatch.setattr(_native, "_cpu_fingerprint", lambda: "another CPU")
+    names["cpu"] = _native.library_name(command, version, flags)
+    monkeypatch.undo()
+    for index, source in enumerate((*_native._SOURCES, *_native._HEADERS)):
+        copy = tmp_path / source.name
+        copy.write_text(source.read_text() + "\n/* changed */\n")
+        changed = [*_native._SOURCES, *_native._HEADERS]
+        changed[index] = copy
+        monkeypatch.setattr(_native, "_SOURCES", changed[: len(_native._SOURCES)])
+        monkeypatch.setattr(_native, "_HEADERS", changed[len(_native._SOURCES) :])
+        names[source.name] = _native.library_name(command, version, flags)
+        monkeypatch.undo()
+    assert all(name != base for name in names.values()), names
+    assert len(set(names.values())) == len(names)
