@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,75 @@ def test_keyed_attention_dropout_keeps_the_users_scale_and_causality():
     later[..., 1:, :] += 10.0
     assert torch.allclose(run(None, True)[..., 0, :], run(None, True, later)[..., 0, :])
     assert not torch.allclose(run(None, False)[..., 0, :], run(None, False, later)[..., 0, :])
+
+
+class GaussianPosterior(NamedTuple):  # a user's own class
+    """A user's family that happens to share the built-in's name (and fields)."""
+
+    mu: torch.Tensor
+    rho: torch.Tensor
+
+    @classmethod
+    def from_param(cls, param, **kwargs):
+        return cls(param.detach().clone(), torch.full_like(param, -3.0))
+
+    @property
+    def sigma(self):
+        return nn.functional.softplus(self.rho)
+
+    @property
+    def distribution(self):
+        return torch.distributions.Normal(self.mu, self.sigma)
+
+    def sample(self, key):
+        return self.mu + self.sigma * tb.random.normal(key, self.mu.shape)
+
+
+def test_save_tells_a_users_family_from_the_builtin_of_the_same_name(tmp_path):
+    """Planted: save deciding that a node is built-in by its class name alone."""
+    own = {"w": GaussianPosterior(torch.zeros(3), torch.full((3,), -2.0))}
+    tb.save(own, tmp_path / "own.pt")
+    with pytest.raises(ValueError, match="family 'test_mutation_gaps.GaussianPosterior'"):
+        tb.load(tmp_path / "own.pt")
+    loaded = tb.load(tmp_path / "own.pt", families=[GaussianPosterior])
+    assert type(loaded["w"]) is GaussianPosterior
+    tb.save({"w": tb.GaussianPosterior(torch.zeros(3), torch.zeros(3))}, tmp_path / "builtin.pt")
+    assert type(tb.load(tmp_path / "builtin.pt")["w"]) is tb.GaussianPosterior
+
+
+def test_load_refuses_a_node_with_more_fields_than_its_family(tmp_path):
+    """Planted: load accepting extra fields where the stored family has fewer."""
+    state = {"w.mu": torch.zeros(2), "w.rho": torch.zeros(2), "w.extra": torch.zeros(2)}
+    with pytest.raises(
+        ValueError, match=r"must have the fields \['mu', 'rho'\] .*got \['extra', 'mu', 'rho'\]"
+    ):
+        tb.from_state_dict(state)
+
+
+def test_from_torchbayesian_copies_and_to_torchbayesian_keeps_the_family():
+    """Planted: from_torchbayesian sharing storage with the module; to_torchbayesian mapping
+    the two Gaussian families the wrong way round."""
+    bnn = pytest.importorskip("torchbayesian.bnn")
+    for family, kind in (
+        (tb.GaussianPosterior, "normal"),
+        (tb.PretrainedGaussianPosterior, "pretrained_normal"),
+    ):
+        net = mlp()
+        key = tb.random.key(0) if family is tb.GaussianPosterior else None
+        post = tb.from_module(net, family, key=key)
+        with torch.random.fork_rng():  # torchbayesian initialises from the global RNG
+            converted = tb.interop.to_torchbayesian(net, post)
+        kinds = {
+            type(sub).__name__
+            for sub in converted.modules()
+            if isinstance(sub, bnn.VariationalPosterior)
+        }
+        assert kinds == {"GaussianPosterior" if kind == "normal" else "PretrainedGaussianPosterior"}
+        back = tb.interop.from_torchbayesian(converted)
+        assert {type(node) for node in back.values()} == {family}
+        before = {name: node.mu.detach().clone() for name, node in back.items()}
+        with torch.no_grad():
+            for param in converted.parameters():
+                param.add_(1.0)
+        for name, node in back.items():
+            assert torch.equal(node.mu, before[name])  # a copy, not a view of the module
