@@ -212,3 +212,35 @@ def test_from_torchbayesian_copies_and_to_torchbayesian_keeps_the_family():
                 param.add_(1.0)
         for name, node in back.items():
             assert torch.equal(node.mu, before[name])  # a copy, not a view of the module
+
+
+class _DropoutThenNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop, self.norm, self.linear = nn.Dropout(0.2), nn.BatchNorm1d(5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.linear(self.norm(self.drop(x)))
+
+
+def test_dropout_true_still_refuses_every_other_layer_in_training_mode():
+    """Planted: with dropout=True the training-mode check skipping every layer kind, not only
+    dropout (a train-mode BatchNorm then runs and its running_mean moves)."""
+    net = seeded(_DropoutThenNorm).train()
+    post = tb.from_module(net, include="linear.*")
+    x, y = data(8, 5), torch.arange(8) % 2
+    before = net.norm.running_mean.clone()
+    for call in (
+        lambda: tb.predict(net, post, tb.random.key(0), x, num_samples=2, dropout=True),
+        lambda: tb.functional_call(net, post, tb.random.key(0), x, dropout=True),
+        lambda: tb.nelbo(
+            net, post, tb.random.key(0), x, y, loss_fn=nn.functional.cross_entropy,
+            num_data=8, dropout=True,
+        ),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match="BatchNorm1d 'norm' in training mode"):
+            call()
+    assert torch.equal(net.norm.running_mean, before)
+    net.norm.eval()  # only the dropout layer in training mode: allowed, keyed
+    out = tb.functional_call(net, post, tb.random.key(0), x, dropout=True)
+    assert out.shape == (8, 2)

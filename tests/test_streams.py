@@ -128,6 +128,28 @@ def test_any_split_of_the_work_gives_the_same_bits(monkeypatch, threads):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_the_fused_affine_draw_is_the_same_at_every_split(monkeypatch, dtype, threads):
+    """float32 and float64 draws written by the kernel (mu + sigma * eps, and eps kept) with a
+    thread boundary mid-segment and mid-block equal the one-thread draw bit for bit."""
+    keys = tb.random.split(tb.random.key(6), 3)
+    mus = [tb.random.normal(tb.random.key(i), (n,), dtype=dtype) for i, n in enumerate((5, 301))]
+    sigmas = [m.abs() + 0.1 for m in mus]
+    one = _noise.gaussian_with_noise(keys, [21, 22], mus, sigmas)
+    monkeypatch.setattr(_noise, "_PARALLEL_MIN_NUMEL", 1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        split = _noise.gaussian_with_noise(keys, [21, 22], mus, sigmas)
+        plain = _noise.gaussian(keys, [21, 22], mus, sigmas)
+    finally:
+        torch.set_num_threads(before)
+    for a, b, c in zip(one[0] + one[1], split[0] + split[1], plain + one[1], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_affine_equals_the_op_and_tensor_ops(dtype):
     """mu + sigma * eps written by the kernel == the op's eps then the same two roundings,
     and node.sample == the same node drawn in a tree under autograd."""
