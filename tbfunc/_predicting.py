@@ -31,7 +31,18 @@ from tbfunc._forward import Weights, concat, pin_fixed_rows, run, run_plain
 from tbfunc._sampling import hash32, sample_many, tracked
 from tbfunc.posterior import is_posterior
 
-__all__ = ["CHOICES", "check_args", "choose", "draw", "dropout_keys", "predict_keys", "prepare"]
+__all__ = [
+    "CHOICES",
+    "check_args",
+    "choose",
+    "decide",
+    "draw",
+    "dropout_keys",
+    "plan",
+    "predict_keys",
+    "prepare",
+    "static_choice",
+]
 
 # Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
 # convolutions, the unfused attention path): a loop of S forwards is faster there.
@@ -40,7 +51,8 @@ _SLOW_UNDER_VMAP_ON_CPU = (nn.modules.conv._ConvNd, nn.MultiheadAttention)
 _DROPOUT = hash32("dropout")
 _MAX_CHOICES = 32  # per module
 
-# choose's timings, per module (dropped with it) and call signature.
+# the strategy chosen per module (dropped with it) and call signature: by choose's timing, or
+# by predict's trial split of its first call
 CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Literal["vmap", "loop"]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -69,21 +81,72 @@ def predict_keys(
     entry: str = "predict",
     dropout: bool = False,
 ) -> Any:
-    """Outputs for the sample keys ``keys`` (one per row), stacked; checks already done."""
+    """Outputs for the sample keys ``keys`` (one per row), stacked; checks already done.
+
+    With ``"auto"`` and no choice yet for this call class, the call itself is the trial: the
+    first chunk's first sample runs by the loop and the rest of that chunk vmapped, each timed
+    per sample, and the faster strategy runs the other chunks and is kept for the class
+    (``plan``, ``decide``). Every strategy gives the same outputs, so the split changes
+    nothing but the time: an evaluation loop pays no timing forwards at all."""
     auto = strategy == "auto"
-    chosen = (
-        choose(module, posterior, names, args, kwargs, min(chunk, len(keys)), dropout)
-        if auto
-        else strategy
-    )
+    chosen, seen = strategy, None
+    if auto:
+        chosen, seen = plan(module, posterior, names, args, kwargs, min(chunk, len(keys)), dropout)
     outputs = []
-    for start in range(0, len(keys), chunk):
+    begin = 0
+    if seen is not None:  # never under torch.compile (plan decides there)
+        first = min(chunk, len(keys))
+        costs: dict[str, float] = {}
+        trials: tuple[tuple[Literal["loop", "vmap"], int, int], ...] = (
+            ("loop", 0, 1),
+            ("vmap", 1, first),
+        )
+        for trial, a, b in trials:
+            started = time.perf_counter()
+            weights = draw(module, posterior, names, keys[a:b], dropout)
+            outputs.append(run(module, weights, args, kwargs, trial, entry, fallback=True))
+            del weights
+            costs[trial] = (time.perf_counter() - started) / (b - a)
+        chosen, begin = decide(module, seen, costs), first
+    for start in range(begin, len(keys), chunk):
         weights = draw(module, posterior, names, keys[start : start + chunk], dropout)
         outputs.append(run(module, weights, args, kwargs, chosen, entry, fallback=auto))  # type: ignore[arg-type]
         # free this chunk's weights before the next is drawn: else two chunks coexist at the
         # peak, and chunk_size=S/2 saved nothing
         del weights
     return concat(outputs)
+
+
+def plan(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    args: Any,
+    kwargs: Any,
+    count: int,
+    dropout: bool = False,
+) -> tuple[str, tuple | None]:
+    """``predict``'s auto: the strategy, and the call class to decide by a trial split of this
+    call (None once the class is decided, where a rule decides, or for one sample at a time,
+    which nothing batches: the loop)."""
+    fixed = static_choice(module, posterior, names, args, dropout)
+    if fixed is not None:
+        return fixed, None
+    if count < 2:
+        return "loop", None
+    seen = signature(posterior, args, kwargs, count, dropout)
+    decided = CHOICES.get(module, {}).get(seen)
+    return (decided, None) if decided is not None else ("vmap", seen)
+
+
+def decide(module: nn.Module, seen: tuple, costs: dict[str, float]) -> Literal["vmap", "loop"]:
+    """The faster strategy per sample (a vmap that had to loop costs more), kept for the class."""
+    chosen: Literal["vmap", "loop"] = "vmap" if costs["vmap"] <= costs["loop"] else "loop"
+    cache = CHOICES.setdefault(module, {})
+    if len(cache) >= _MAX_CHOICES:
+        cache.clear()  # bounded: a long-running server meets many shapes
+    cache[seen] = chosen
+    return chosen
 
 
 def prepare(
@@ -129,6 +192,26 @@ def choose(
     count: int,
     dropout: bool = False,
 ) -> Literal["vmap", "loop"]:
+    fixed = static_choice(module, posterior, names, args, dropout)
+    if fixed is not None:
+        return fixed
+    seen = signature(posterior, args, kwargs, count, dropout)
+    cache = CHOICES.setdefault(module, {})
+    if seen not in cache:
+        if len(cache) >= _MAX_CHOICES:
+            cache.clear()  # bounded: a long-running server meets many shapes
+        cache[seen] = timed(module, posterior, names, args, kwargs, count, dropout)
+    return cache[seen]
+
+
+def static_choice(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    args: Any,
+    dropout: bool = False,
+) -> Literal["vmap", "loop"] | None:
+    """The strategy a rule decides without timing, or None where only timing can."""
     if has_rnn(module):
         return "loop"
     if not posterior:
@@ -143,13 +226,7 @@ def choose(
     means = [value(node) for node in posterior.values()]
     if args is None or torch.compiler.is_compiling() or tracked(*means):
         return "vmap"
-    seen = signature(posterior, args, kwargs, count, dropout)
-    cache = CHOICES.setdefault(module, {})
-    if seen not in cache:
-        if len(cache) >= _MAX_CHOICES:
-            cache.clear()  # bounded: a long-running server meets many shapes
-        cache[seen] = timed(module, posterior, names, args, kwargs, count, dropout)
-    return cache[seen]
+    return None
 
 
 def timed(

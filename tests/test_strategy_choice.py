@@ -13,14 +13,20 @@ from tbfunc import _predicting
 
 @pytest.fixture
 def timings(monkeypatch):
-    calls = []
-    real = _predicting.timed
+    """Calls of the synchronous timing (choose_strategy's) and of predict's trial decisions."""
+    calls = {"timed": 0, "decided": 0}
+    real_timed, real_decide = _predicting.timed, _predicting.decide
 
-    def spy(*args, **kwargs):
-        calls.append(args[3] if len(args) > 3 else None)
-        return real(*args, **kwargs)
+    def timed(*args, **kwargs):
+        calls["timed"] += 1
+        return real_timed(*args, **kwargs)
 
-    monkeypatch.setattr(_predicting, "timed", spy)
+    def decide(*args, **kwargs):
+        calls["decided"] += 1
+        return real_decide(*args, **kwargs)
+
+    monkeypatch.setattr(_predicting, "timed", timed)
+    monkeypatch.setattr(_predicting, "decide", decide)
     return calls
 
 
@@ -28,15 +34,59 @@ def test_auto_times_a_coarse_class_once_not_every_shape(timings):
     net = mlp((6, 16, 3))
     post = tb.from_module(net, sigma_scale=0.1)
     key = tb.random.key(0)
-    for batch in (64, 63, 50, 44):  # 258-384 values: one size class, one timing
+    for batch in (64, 63, 50, 44):  # 258-384 values: one size class, one trial
         tb.predict(net, post, key, data(batch, 6), num_samples=4)
-    assert len(timings) == 1
-    with torch.no_grad():  # the grad mode changes both strategies alike: no new timing
+    assert timings == {"timed": 0, "decided": 1}  # no timing forwards at all
+    assert len(_predicting.CHOICES[net]) == 1
+    with torch.no_grad():  # the grad mode changes both strategies alike: no new trial
         tb.predict(net, post, key, data(64, 6), num_samples=4)
-    assert len(timings) == 1
-    tb.predict(net, post, key, data(500, 6), num_samples=4)  # another size class: timed
+    assert timings["decided"] == 1
+    tb.predict(net, post, key, data(500, 6), num_samples=4)  # another size class: a trial
     tb.predict(net, post, key, data(64, 6), num_samples=32)  # another sample count class
-    assert len(timings) == 3
+    assert timings["decided"] == 3 and len(_predicting.CHOICES[net]) == 3
+    tb.predict(net, post, key, data(64, 6), num_samples=1)  # one sample: the loop, no trial
+    assert timings["decided"] == 3
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+def test_the_trial_split_gives_the_explicit_strategies_result(chunk):
+    net = mlp((6, 16, 3))
+    post = tb.from_module(net, sigma_scale=0.1)
+    x, key = data(10, 6), tb.random.key(1)
+    auto = tb.predict(net, post, key, x, num_samples=7, chunk_size=chunk)  # the trial call
+    loop = tb.predict(net, post, key, x, num_samples=7, strategy="loop")
+    torch.testing.assert_close(auto, loop, rtol=1e-6, atol=1e-6)
+    assert auto.shape == (7, 10, 3)
+
+
+def test_an_evaluation_loop_runs_the_slower_strategy_for_one_sample_only():
+    """The trial is inside the first call: one sample by the slower strategy, not a batch."""
+    import time
+
+    class Sleepy(torch.nn.Module):
+        def __init__(self, slow):
+            super().__init__()
+            self.linear, self.slow, self.forwards = torch.nn.Linear(6, 3), slow, []
+
+        def forward(self, x):
+            batched = torch._C._functorch.is_batchedtensor(self.linear.weight)
+            self.forwards.append("vmap" if batched else "loop")
+            if (self.slow == "vmap") == batched:
+                time.sleep(0.05)
+            return self.linear(x)
+
+    from helpers import seeded
+
+    for slow, fast in (("vmap", "loop"), ("loop", "vmap")):
+        net = seeded(lambda slow=slow: Sleepy(slow)).eval()
+        post = tb.from_module(net, sigma_scale=0.1)
+        for batch in (64, 60, 57, 50, 49, 44):
+            tb.predict(net, post, tb.random.key(batch), data(batch, 6), num_samples=4)
+        assert list(_predicting.CHOICES[net].values()) == [fast]
+        # the trial: one looped sample and one vmapped forward of the other three; then the
+        # faster only (a loop of four forwards per batch, or one vmapped forward)
+        later = ["loop"] * 4 * 5 if fast == "loop" else ["vmap"] * 5
+        assert net.forwards == ["loop", "vmap", *later]
 
 
 def test_the_choice_cache_is_bounded():
