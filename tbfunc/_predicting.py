@@ -288,8 +288,8 @@ def signature(
 ) -> tuple:
     """What the choice is kept for: the posterior's structure, and a coarse class of the call
     (each input's rank, dtype, device and size rounded to a power of two; the sample count
-    likewise). A dynamically padded evaluation loop (B x T, T varying) then times once or twice,
-    not once per batch; the grad mode is left out: it changes both strategies alike."""
+    likewise). A dynamically padded evaluation loop (B x T, T varying) then decides once or
+    twice, not once per batch; the grad mode is left out: it changes both strategies alike."""
     nodes = tuple(
         (name, tuple(value(node).shape), value(node).dtype, value(node).device)
         for name, node in posterior.items()

@@ -197,7 +197,9 @@ def predict(
 
     Args:
         strategy: ``"vmap"`` draws the weights with a leading axis and vmaps the forward;
-            ``"loop"`` runs the forwards one by one; ``"auto"`` is ``choose_strategy``'s pick.
+            ``"loop"`` runs the forwards one by one; ``"auto"`` follows ``choose_strategy``'s
+            rules, and on a call class not yet decided times the two inside this call (see
+            ``choose_strategy``).
         chunk_size: at most this many samples' weights and activations exist at once.
         dropout: Monte-Carlo dropout: every ``nn.Dropout*`` / ``AlphaDropout`` /
             ``FeatureAlphaDropout`` is active, and every dropout call that runs (also
@@ -246,9 +248,14 @@ def choose_strategy(
       whose batched kernels were measured 2.6-3x slower.
     - Otherwise, given ``args``: both strategies are timed once on ``num_samples`` copies of the
       mean weights (two interleaved rounds, the faster of each), and the faster is kept,
-      cached per module, posterior structure and input shapes; one whose forward fails is
-      never picked. Without ``args`` (or under ``torch.compile`` or a ``torch.func``
-      transform, where nothing can be timed): ``"vmap"``.
+      cached per module, posterior structure and a coarse class of the inputs; one whose
+      forward fails is never picked. Without ``args`` (or under ``torch.compile`` or a
+      ``torch.func`` transform, where nothing can be timed): ``"vmap"``.
+
+    ``predict`` itself shares that cache but times nothing up front: on a class not yet
+    decided its call runs the first sample by the loop and the rest vmapped, and keeps the
+    faster per sample (the same outputs either way). Calling ``choose_strategy`` first decides
+    the class its way instead.
     """
     with exclusive(module):  # one call at a time per module (_concurrency)
         names, device = prepare(module, posterior, args, kwargs, "choose_strategy", dropout)
