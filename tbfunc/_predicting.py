@@ -42,6 +42,7 @@ __all__ = [
     "predict_keys",
     "prepare",
     "static_choice",
+    "trial",
 ]
 
 # Modules whose weights, once batched by vmap, fall off PyTorch's fast CPU kernels (grouped
@@ -83,11 +84,11 @@ def predict_keys(
 ) -> Any:
     """Outputs for the sample keys ``keys`` (one per row), stacked; checks already done.
 
-    With ``"auto"`` and no choice yet for this call class, the call itself is the trial: the
-    first chunk's first sample runs by the loop and the rest of that chunk vmapped, each timed
-    per sample, and the faster strategy runs the other chunks and is kept for the class
-    (``plan``, ``decide``). Every strategy gives the same outputs, so the split changes
-    nothing but the time: an evaluation loop pays no timing forwards at all."""
+    With ``"auto"`` and no choice yet for this call class, the call itself is the trial
+    (``trial``): its first chunk runs vmapped and its first sample by the loop, each timed per
+    sample; the faster is kept for the class (``decide``) and gives this call's outputs, so a
+    call's result is always the chosen strategy's, bit for bit, as in every later call. An
+    evaluation loop pays one extra looped forward, not a timing of both strategies."""
     auto = strategy == "auto"
     chosen, seen = strategy, None
     if auto:
@@ -95,19 +96,10 @@ def predict_keys(
     outputs = []
     begin = 0
     if seen is not None:  # never under torch.compile (plan decides there)
-        first = min(chunk, len(keys))
-        costs: dict[str, float] = {}
-        trials: tuple[tuple[Literal["loop", "vmap"], int, int], ...] = (
-            ("loop", 0, 1),
-            ("vmap", 1, first),
-        )
-        for trial, a, b in trials:
-            started = time.perf_counter()
-            weights = draw(module, posterior, names, keys[a:b], dropout)
-            outputs.append(run(module, weights, args, kwargs, trial, entry, fallback=True))
-            del weights
-            costs[trial] = (time.perf_counter() - started) / (b - a)
-        chosen, begin = decide(module, seen, costs), first
+        begin = min(chunk, len(keys))
+        chosen, first = trial(module, posterior, names, keys[:begin], args, kwargs, entry, dropout)
+        decide(module, seen, chosen)
+        outputs.append(first)
     for start in range(begin, len(keys), chunk):
         weights = draw(module, posterior, names, keys[start : start + chunk], dropout)
         outputs.append(run(module, weights, args, kwargs, chosen, entry, fallback=auto))  # type: ignore[arg-type]
@@ -115,6 +107,35 @@ def predict_keys(
         # peak, and chunk_size=S/2 saved nothing
         del weights
     return concat(outputs)
+
+
+def trial(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    names: dict[str, str],
+    keys: Tensor,
+    args: Any,
+    kwargs: Any,
+    entry: str,
+    dropout: bool,
+) -> tuple[Literal["vmap", "loop"], Any]:
+    """The faster strategy per sample for one chunk of real keys, and the chunk's outputs by
+    it: vmap on every key against the loop on the first (the loop's other samples run only
+    when it wins; every sample's output is a pure function of its key)."""
+
+    def timed_run(strategy: Literal["vmap", "loop"], part: Tensor) -> tuple[Any, float]:
+        started = time.perf_counter()
+        weights = draw(module, posterior, names, part, dropout)
+        out = run(module, weights, args, kwargs, strategy, entry, fallback=True)
+        return out, (time.perf_counter() - started) / len(part)
+
+    looped, loop_cost = timed_run("loop", keys[:1])
+    vmapped, vmap_cost = timed_run("vmap", keys)  # (a vmap that had to loop costs more)
+    if vmap_cost <= loop_cost:
+        return "vmap", vmapped
+    del vmapped
+    rest = draw(module, posterior, names, keys[1:], dropout)
+    return "loop", concat([looped, run(module, rest, args, kwargs, "loop", entry)])
 
 
 def plan(
@@ -139,14 +160,12 @@ def plan(
     return (decided, None) if decided is not None else ("vmap", seen)
 
 
-def decide(module: nn.Module, seen: tuple, costs: dict[str, float]) -> Literal["vmap", "loop"]:
-    """The faster strategy per sample (a vmap that had to loop costs more), kept for the class."""
-    chosen: Literal["vmap", "loop"] = "vmap" if costs["vmap"] <= costs["loop"] else "loop"
+def decide(module: nn.Module, seen: tuple, chosen: Literal["vmap", "loop"]) -> None:
+    """Keep ``chosen`` for the call class ``seen`` (bounded: a server meets many shapes)."""
     cache = CHOICES.setdefault(module, {})
     if len(cache) >= _MAX_CHOICES:
-        cache.clear()  # bounded: a long-running server meets many shapes
+        cache.clear()
     cache[seen] = chosen
-    return chosen
 
 
 def prepare(

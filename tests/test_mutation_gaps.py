@@ -244,3 +244,94 @@ def test_dropout_true_still_refuses_every_other_layer_in_training_mode():
     net.norm.eval()  # only the dropout layer in training mode: allowed, keyed
     out = tb.functional_call(net, post, tb.random.key(0), x, dropout=True)
     assert out.shape == (8, 2)
+
+
+# -- the kinds of gap the planted bugs stood for ------------------------------------------------
+
+
+def _alpha_dropped(out):
+    return out == out.amin()  # for an input of ones, a dropped unit takes the smaller value
+
+
+@pytest.mark.parametrize(
+    ("layer", "shape", "unit_dims", "dropped"),
+    [
+        (nn.Dropout(0.3), (4000,), 0, lambda out: out == 0),
+        (nn.Dropout1d(0.3), (40, 100, 3), 1, lambda out: out == 0),
+        (nn.Dropout2d(0.3), (40, 100, 2, 2), 2, lambda out: out == 0),
+        (nn.Dropout3d(0.3), (40, 100, 2, 1, 2), 3, lambda out: out == 0),
+        (nn.AlphaDropout(0.3), (4000,), 0, _alpha_dropped),
+        (nn.FeatureAlphaDropout(0.3), (40, 100, 2, 2), 2, _alpha_dropped),
+    ],
+    ids=["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlpha"],
+)
+def test_every_dropout_variant_has_its_law(layer, shape, unit_dims, dropped):
+    """Each variant drops a fraction p of its units (elements, or whole channels), within a
+    6-sigma binomial band (failure probability < 2e-9 each), and a channel is dropped whole."""
+    out = tb.predict(layer, {}, tb.random.key(3), torch.ones(shape), num_samples=2, dropout=True)
+    mask = dropped(out)
+    if unit_dims:
+        flat = mask.flatten(-unit_dims)
+        assert torch.equal(flat.all(-1), flat.any(-1))  # one draw per channel
+        mask = flat[..., 0]
+    units = mask.numel()
+    rate = mask.double().mean().item()
+    assert abs(rate - 0.3) < 6 * (0.3 * 0.7 / units) ** 0.5, (rate, units)
+    if not isinstance(layer, nn.AlphaDropout | nn.FeatureAlphaDropout):
+        assert torch.allclose(out[~dropped(out)], torch.tensor(1 / 0.7))
+
+
+def test_every_field_of_the_streaming_metrics_is_invariant_to_the_examples_order():
+    """Planted kind: a permutation applied the wrong way round, or a field computed from the
+    batch order; every scalar and bin must not move when the examples are shuffled, and the
+    per-example scores must follow their examples."""
+    logits = data(8, 300, 5, seed=4) * 2
+    target = torch.arange(300) % 5
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(0))
+    for binning in ("width", "mass"):
+        results = []
+        for perm, sizes in ((torch.arange(300), (300,)), (order, (7, 93, 200))):
+            acc = M.Accumulator(num_bins=10, binning=binning)
+            start = 0
+            for size in sizes:
+                rows = perm[start : start + size]
+                acc.update(logits[:, rows], target[rows])
+                start += size
+            results.append(acc.compute())
+        plain, shuffled = results
+        for field in ("accuracy", "nll", "brier", "ece", "aurc"):
+            torch.testing.assert_close(
+                getattr(shuffled, field), getattr(plain, field), rtol=1e-6, atol=1e-7
+            )
+        for field in ("edges", "confidence", "accuracy", "counts", "ece"):
+            torch.testing.assert_close(
+                getattr(shuffled.reliability, field),
+                getattr(plain.reliability, field),
+                rtol=1e-6,
+                atol=1e-7,
+            )
+        for field in ("confidence", "correct", "entropy", "mutual_information"):
+            # (per example to float32 rounding: the batch's shape moves the vectorised sums)
+            torch.testing.assert_close(
+                getattr(shuffled, field), getattr(plain, field)[order], rtol=1e-5, atol=1e-6
+            )
+
+
+def test_the_layout_cache_keys_on_names_not_on_counts_or_order():
+    """Planted kind: a cache keyed on too little (the number of nodes, their order): the same
+    nodes in another order draw the same per name, renamed nodes draw anew, and alternating
+    between the trees never mixes their layouts."""
+    first = tb.GaussianPosterior(torch.zeros(3), torch.zeros(3))
+    second = tb.GaussianPosterior(torch.zeros(2, 2), torch.zeros(2, 2))
+    a = {"a": first, "b": second}
+    reordered = {"b": second, "a": first}
+    renamed = {"x": first, "y": second}
+    key = tb.random.key(7)
+    draws_a = tb.sample(a, key)
+    for _ in range(2):
+        for name, value in tb.sample(reordered, key).items():
+            assert torch.equal(value, draws_a[name])
+        other = tb.sample(renamed, key)
+        assert not torch.equal(other["x"], draws_a["a"])
+        for name, value in tb.sample(a, key).items():
+            assert torch.equal(value, draws_a[name])
