@@ -253,9 +253,9 @@ def choose_strategy(
       ``torch.func`` transform, where nothing can be timed): ``"vmap"``.
 
     ``predict`` itself shares that cache but times nothing up front: on a class not yet
-    decided its call runs the first sample by the loop and the rest vmapped, and keeps the
-    faster per sample (the same outputs either way). Calling ``choose_strategy`` first decides
-    the class its way instead.
+    decided, its call runs the first chunk vmapped and the first sample by the loop, keeps the
+    faster per sample, and returns the winner's outputs (the loop's other samples run only
+    when it wins). Calling ``choose_strategy`` first decides the class its way instead.
     """
     with exclusive(module):  # one call at a time per module (_concurrency)
         names, device = prepare(module, posterior, args, kwargs, "choose_strategy", dropout)
