@@ -32,7 +32,7 @@ from tbfunc.metrics import Accumulator
 from tbfunc.module import predict
 from tbfunc.nn import PosteriorModule
 from tbfunc.objective import nelbo
-from tbfunc.optim import VON
+from tbfunc.optim import VON, Adam
 from tbfunc.prior import GaussianPrior
 
 try:
@@ -72,7 +72,8 @@ class PosteriorLightningModule(pl.LightningModule):
             the data term alone: VON adds the prior's pull itself.
         eval_samples: weight draws for validation, test and prediction.
         optimizer: ``self -> torch.optim.Optimizer`` (or Lightning's dict or tuple); by
-            default ``torch.optim.Adam(self.parameters(), lr=lr)``.
+            default ``tb.optim.Adam(self.parameters(), lr=lr)`` (``torch.optim.Adam``'s update
+            in one fused pass on the CPU; its checkpoints are ``torch.optim.Adam``'s).
         lr: the default optimizer's learning rate.
         dropout: keyed MC dropout in training and evaluation.
         train_base: register the base module: its trainable parameters join the optimizer and
@@ -211,7 +212,7 @@ class PosteriorLightningModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is not None:
             return self.optimizer_factory(self)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return Adam(self.parameters(), lr=self.lr)
 
     # ------------------------------------------------------------------------------------------
 

@@ -126,6 +126,8 @@ def test_a_trainer_fit_equals_the_plain_loop_with_the_same_keys(tmp_path):
         plain_net, train, lambda post: torch.optim.Adam(tb.parameters(post), lr=1e-2)
     )
     _, eval_key = tb.random.split(tb.random.key(5))
+    # the default optimizer is the fused Adam: torch.optim.Adam's update, to rounding
+    assert type(model.optimizers().optimizer) is tb.optim.Adam
     assert model.global_step == step
     fitted = model.posterior()
     for name, node in post.items():
