@@ -448,4 +448,6 @@ def _written(*groups: list[Tensor]) -> None:
     """Bump the version counter of tensors a kernel wrote in place: writes through a data
     pointer bypass it, and autograd's saved-tensor checks and tbfunc's finiteness cache
     (``_sampling.check_finite``) read it to learn that a tensor changed."""
-    torch.autograd.graph.increment_version([t for group in groups for t in group])
+    for group in groups:
+        for tensor in group:  # one at a time: torch < 2.5 takes no list here
+            torch.autograd.graph.increment_version(tensor)
