@@ -449,5 +449,5 @@ def _written(*groups: list[Tensor]) -> None:
     pointer bypass it, and autograd's saved-tensor checks and tbfunc's finiteness cache
     (``_sampling.check_finite``) read it to learn that a tensor changed."""
     for group in groups:
-        for tensor in group:  # one at a time: torch < 2.5 takes no list here
+        for tensor in group:  # one at a time: the form every supported torch takes
             torch.autograd.graph.increment_version(tensor)
