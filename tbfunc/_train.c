@@ -58,15 +58,22 @@ static inline double sigmoid64(double r) {
  * prior_mus[l] / prior_sigmas[l] the address of a tensor shaped like mu, or 0 for the scalar
  * in prior_mu_values[l] / prior_sigma_values[l]. */
 
+/* The KL's gradient at element K added to the data term's G (for mu) and GE (sum_s g_s eps_s,
+ * for rho): the one formula tb_draw_grad and tb_kl_grad share. */
+#define KL_GRAD_AT(T, SIGMOID, K, MEAN, SCALE, G, GE)                                          \
+    {                                                                                         \
+        T sig = SIGMOID(rho[K]);                                                              \
+        T mean = MEAN, scale = SCALE;                                                         \
+        T variance = scale * scale;                                                           \
+        T dlog = rho[K] < (T)SMALL_RHO ? (T)1 : sig / sigma[K];                               \
+        gm[K] = (G) + c * (mu[K] - mean) / variance;                                          \
+        gr[K] = ((GE) + c * sigma[K] / variance) * sig - c * dlog;                            \
+    }
+
 #define DRAW_FINISH(T, SIGMOID, MEAN, SCALE)                                                   \
     for (int64_t i = 0; i < m; i++) {                                                         \
         int64_t k = lo + i;                                                                   \
-        T sig = SIGMOID(rho[k]);                                                              \
-        T mean = MEAN, scale = SCALE;                                                         \
-        T variance = scale * scale;                                                           \
-        T dlog = rho[k] < (T)SMALL_RHO ? (T)1 : sig / sigma[k];                               \
-        gm[k] = sum_g[i] + c * (mu[k] - mean) / variance;                                     \
-        gr[k] = (sum_ge[i] + c * sigma[k] / variance) * sig - c * dlog;                       \
+        KL_GRAD_AT(T, SIGMOID, k, MEAN, SCALE, sum_g[i], sum_ge[i])                           \
     }
 
 #define DRAW_GRAD(T, SIGMOID)                                                                  \
@@ -215,14 +222,7 @@ void tb_kl(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, ta
 /* One loop per kind of prior (a tensor or a scalar for each of m and s), so that each
  * vectorises. */
 #define KL_GRAD_LOOP(T, SIGMOID, MEAN, SCALE)                                                 \
-    for (int64_t k = a; k < b; k++) {                                                         \
-        T mean = MEAN, scale = SCALE;                                                         \
-        T variance = scale * scale;                                                           \
-        T sig = SIGMOID(rho[k]);                                                              \
-        T dlog = rho[k] < (T)SMALL_RHO ? (T)1 : sig / sigma[k];                               \
-        gm[k] = c * (mu[k] - mean) / variance;                                                \
-        gr[k] = (c * sigma[k] / variance) * sig - c * dlog;                                   \
-    }
+    for (int64_t k = a; k < b; k++) KL_GRAD_AT(T, SIGMOID, k, MEAN, SCALE, (T)0, (T)0)
 
 #define KL_GRAD(T, SIGMOID)                                                                   \
     static void kl_grad_##T(int64_t a, int64_t b, T c, const T *mu, const T *rho,             \
