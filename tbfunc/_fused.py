@@ -226,21 +226,15 @@ def _draw_grad(
     grad_mus = [
         g.view(r.shape) if alone else torch.empty_like(r) for g, r in zip(grads, rhos, strict=True)
     ]
-    tables = [_table(numels), *(_addresses(t) for t in (grads, noise, rhos))]
+    tables = [_addresses(t) for t in (grads, noise, rhos)]
     outs = [_addresses([None] * len(rhos) if alone else grad_mus), _addresses(grad_rhos)]
     if kl is None:
         c, extra = 0.0, [None, None, *_prior_tables(None, len(rhos))]
     else:
         grad_kl, mus, sigmas, priors = kl
         c, extra = float(grad_kl), [_addresses(mus), _addresses(sigmas), *_prior_tables(priors)]
-    library, kind = _library(), _kind(rhos[0].dtype)
-
-    def run(begin: int, end: int) -> None:
-        library.tb_draw_grad(
-            kind, len(rhos), tables[0], samples, *tables[1:], *outs, c, *extra, begin, end
-        )
-
-    _parallel.split(sum(numels), run)
+    library = _library()
+    _over_threads(library.tb_draw_grad, rhos[0].dtype, numels, samples, *tables, *outs, c, *extra)
     return grad_mus, grad_rhos
 
 
@@ -296,6 +290,17 @@ def _prior_tables(priors: list[PriorTerms] | None, count: int = 0) -> list[Any]:
     ]
 
 
+def _over_threads(function: Any, dtype: torch.dtype, numels: list[int], *args: Any) -> None:
+    """``function(kind, nodes, numels, *args, begin, end)``, the kernels' common signature, over
+    the nodes' concatenated elements, one part per thread."""
+    kind, table = _kind(dtype), _table(numels)
+
+    def run(begin: int, end: int) -> None:
+        function(kind, len(numels), table, *args, begin, end)
+
+    _parallel.split(sum(numels), run)
+
+
 def _library() -> Any:
     library = _native.kernel()
     assert library is not None  # callers checked eager()
@@ -330,17 +335,13 @@ def _kl_grad(
     grad_mus: list[Tensor],
     grad_rhos: list[Tensor],
 ) -> None:
-    library = _library()
-    numels = [m.numel() for m in mus]
-    tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, sigmas))]
-    prior = _prior_tables(priors)
+    tables = [_addresses(t) for t in (mus, rhos, sigmas)]
     outs = [_addresses(grad_mus), _addresses(grad_rhos)]
-    kind = _kind(mus[0].dtype)
-
-    def run(begin: int, end: int) -> None:
-        library.tb_kl_grad(kind, len(mus), tables[0], c, *tables[1:], *prior, *outs, begin, end)
-
-    _parallel.split(sum(numels), run)
+    numels = [m.numel() for m in mus]
+    library = _library()
+    _over_threads(
+        library.tb_kl_grad, mus[0].dtype, numels, c, *tables, *_prior_tables(priors), *outs
+    )
 
 
 def _kl_grad_ops(
@@ -384,20 +385,15 @@ def adam_step(
 ) -> None:
     """torch.optim.Adam's update (amsgrad off) of every tensor in place, in one pass; each
     tensor's own step count ``steps[i]`` (already incremented) sets its bias corrections."""
-    library = _library()
-    numels = [p.numel() for p in params]
-    tables = [_table(numels), *(_addresses(t) for t in (params, grads, exp_avgs, exp_avg_sqs))]
+    tables = [_addresses(t) for t in (params, grads, exp_avgs, exp_avg_sqs)]
     per_node = []
     for step in steps:
         per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
     node_table = (ctypes.c_double * len(per_node))(*per_node)
     hyper = (ctypes.c_double * 5)(1 - beta1, beta2, 1 - beta2, eps, weight_decay)
-    kind = _kind(params[0].dtype)
-
-    def run(begin: int, end: int) -> None:
-        library.tb_adam(kind, len(params), *tables, node_table, hyper, begin, end)
-
-    _parallel.split(sum(numels), run)
+    numels = [p.numel() for p in params]
+    library = _library()
+    _over_threads(library.tb_adam, params[0].dtype, numels, *tables, node_table, hyper)
     _written(params, exp_avgs, exp_avg_sqs)
 
 
@@ -420,11 +416,11 @@ def von_step(
     clip: float | None,
 ) -> None:
     """``tbfunc.optim``'s VON update of every node in place, in one pass: ``tensors`` is
-    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw."""
+    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw.
+    Every tensor (``centres`` too) must be contiguous: the kernel reads their addresses."""
     mus, rhos, grad_mus, grad_rhos = tensors
-    numels = [m.numel() for m in mus]
-    tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs))]
-    centre_table = None if centres is None else _addresses([c.contiguous() for c in centres])
+    tables = [_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs)]
+    centre_table = None if centres is None else _addresses(centres)
     delta_table = (ctypes.c_double * len(deltas))(*deltas)
     hyper = (ctypes.c_double * 7)(
         1 - beta1,
@@ -435,12 +431,9 @@ def von_step(
         float(num_data),
         math.inf if clip is None else clip,
     )
-    library, kind = _library(), _kind(mus[0].dtype)
-
-    def run(begin: int, end: int) -> None:
-        library.tb_von(kind, len(mus), *tables, centre_table, delta_table, hyper, begin, end)
-
-    _parallel.split(sum(numels), run)
+    numels = [m.numel() for m in mus]
+    library = _library()
+    _over_threads(library.tb_von, mus[0].dtype, numels, *tables, centre_table, delta_table, hyper)
     _written(mus, rhos, gbars, hs)
 
 
