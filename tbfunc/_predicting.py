@@ -215,12 +215,11 @@ def choose(
     if fixed is not None:
         return fixed
     seen = signature(posterior, args, kwargs, count, dropout)
-    cache = CHOICES.setdefault(module, {})
-    if seen not in cache:
-        if len(cache) >= _MAX_CHOICES:
-            cache.clear()  # bounded: a long-running server meets many shapes
-        cache[seen] = timed(module, posterior, names, args, kwargs, count, dropout)
-    return cache[seen]
+    decided = CHOICES.get(module, {}).get(seen)
+    if decided is None:
+        decided = timed(module, posterior, names, args, kwargs, count, dropout)
+        decide(module, seen, decided)
+    return decided
 
 
 def static_choice(
