@@ -493,3 +493,31 @@ def test_adam_in_place_writes_are_seen_by_autograd():
         opt.step()
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             stale.backward()
+
+
+def test_the_kl_rides_along_only_when_the_whole_tree_is_drawn_together():
+    """sample_with_kl returns a KL only for a tree it drew whole: with a node of another
+    family beside the Gaussian ones (or another dtype) the KL would miss that node's part, so
+    it must be None and the caller computes it apart."""
+    from test_io import LaplaceNode
+
+    from tbfunc._sampling import sample_with_kl
+    from tbfunc.kl import kernel_priors
+
+    _, post, _, _ = _setup()
+    tb.parameters(post)
+    keys = tb.random.split(tb.random.key(14), 2)
+    terms = kernel_priors(post, tb.GaussianPrior())
+    _, kl = sample_with_kl(post, keys, None, terms)
+    assert kl is not None and kl.grad_fn is not None
+    # "extra" sorts after the layers' names: the Gaussian nodes keep their leaf indices
+    mixed = {**post, "extra": LaplaceNode.from_param(torch.zeros(3))}
+    _, kl = sample_with_kl(mixed, keys, None, terms)
+    assert kl is None
+    bias = post["0.bias"]
+    wide = bias._replace(
+        mu=bias.mu.detach().double().requires_grad_(),
+        rho=bias.rho.detach().double().requires_grad_(),
+    )
+    _, kl = sample_with_kl({**post, "0.bias": wide}, keys, None, terms)
+    assert kl is None
