@@ -89,14 +89,29 @@ def gaussian_with_noise(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """``gaussian``'s draws by the CPU kernel, and the noise ``eps`` that made them (for a
     backward pass), in one pass. CPU float32/float64 with the kernel built; no checks."""
-    count = keys.shape[0]
-    dtype = mus[0].dtype
+    outs, noise = _affine_native(_native.kernel(), keys, hashes, mus, sigmas, keep_noise=True)
+    assert noise is not None
+    return outs, noise
+
+
+def _affine_native(
+    library: Any,
+    keys: Tensor,
+    hashes: list[int] | None,
+    mus: list[Tensor],
+    sigmas: list[Tensor],
+    *,
+    keep_noise: bool,
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    """``mu + sigma * eps`` per node written by the C kernel, ``(S, *mu.shape)`` each, and
+    with ``keep_noise`` the ``eps`` too."""
+    count, dtype = keys.shape[0], mus[0].dtype
     mus = [m.contiguous() for m in mus]
     sigmas = [s.contiguous() for s in sigmas]
     outs = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
-    noise = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
+    noise = [torch.empty(count, *m.shape, dtype=dtype) for m in mus] if keep_noise else None
     _fill_native(
-        _native.kernel(),
+        library,
         dtype,
         [out.data_ptr() for out in outs],
         keys,
@@ -105,7 +120,7 @@ def gaussian_with_noise(
         False,
         mus,
         sigmas,
-        eps_outs=[eps.data_ptr() for eps in noise],
+        eps_outs=None if noise is None else [eps.data_ptr() for eps in noise],
     )
     return outs, noise
 
@@ -135,13 +150,7 @@ def _fused(
         library = _native.kernel()
         if library is None:
             return None
-        mus = [m.contiguous() for m in mus]
-        sigmas = [s.contiguous() for s in sigmas]
-        outs = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
-        addresses = [out.data_ptr() for out in outs]
-        numels = [m.numel() for m in mus]
-        _fill_native(library, dtype, addresses, keys, hashes, numels, False, mus, sigmas)
-        return outs
+        return _affine_native(library, keys, hashes, mus, sigmas, keep_noise=False)[0]
     if hashes and _use_triton(device, dtype):
         numels = [m.numel() for m in mus]
         out = torch.empty(count * sum(numels), dtype=dtype, device=device)
