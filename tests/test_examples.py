@@ -180,6 +180,20 @@ def test_uci_split_is_standardised_on_the_training_rows(tmp_path):
     assert split["y_mean"] == pytest.approx(float(raw[train, 3].mean()), rel=1e-5)
 
 
+def test_uci_validation_mode_scores_half_the_validation_slice_and_never_the_test_rows(tmp_path):
+    # choosing a recipe must not see a test row: --evaluate-on val scores one half of the
+    # validation slice, calibrates on the other, and trains on the same rows as the test mode
+    uci = load("uci_eval")
+    folder = _uci_folder(tmp_path)
+    key = tb.random.key(0)
+    test_mode, val_mode = uci.load_split(folder, 0, key), uci.load_split(folder, 0, key, "val")
+    assert torch.equal(val_mode["train"][0], test_mode["train"][0])
+    halves = torch.cat([val_mode["val"][0], val_mode["test"][0]])
+    assert len(val_mode["val"][0]) == 3 and torch.equal(halves, test_mode["val"][0])
+    test_rows = {tuple(r) for r in test_mode["test"][0].tolist()}
+    assert not test_rows & {tuple(r) for r in halves.tolist()}
+
+
 def test_uci_benchmark_names_a_missing_data_set(tmp_path, capsys):
     uci = load("uci_eval")
     with pytest.raises(SystemExit):
