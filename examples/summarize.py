@@ -145,21 +145,23 @@ def bars(classification: dict | None, uci: dict | None) -> list[tuple[str, bool,
                     )
                 )
     if uci:
-        beats_dropout = 0
+        beats_dropout: list[str] = []
         for data, table in uci.items():
             if data not in PUBLISHED or "recommended" not in table:
                 continue
             ll = mean(table["recommended"]["test_ll"])
             pbp, dropout, _ = PUBLISHED[data]
             out.append(
-                (f"UCI {data}: recommended test LL >= PBP's", ll >= pbp, f"{ll:.2f} vs {pbp}")
+                (f"UCI {data}: recommended test LL >= PBP's", ll >= pbp, f"{ll:.3f} vs {pbp}")
             )
-            beats_dropout += ll >= dropout
+            if ll >= dropout:
+                beats_dropout.append(data)
         out.append(
             (
                 "UCI: recommended >= published MC dropout on at least 3 sets",
-                beats_dropout >= 3,
-                f"{beats_dropout} of {len(uci)}",
+                len(beats_dropout) >= 3,
+                f"{len(beats_dropout)} of {len(uci)}"
+                + (f" ({', '.join(beats_dropout)})" * bool(beats_dropout)),
             )
         )
     return out
