@@ -71,7 +71,7 @@ def load_split(folder: Path, split: int, key: Tensor, part: str = "test") -> dic
     order = tb.random.normal(key, (len(train),)).argsort()
     n_val = max(1, len(train) // 10)
     val, fit = train[order[:n_val]], train[order[n_val:]]
-    if part == "val":  # choosing a recipe: score on half the validation slice, calibrate on the rest
+    if part == "val":  # choosing a recipe: score half the validation slice, calibrate on the rest
         val, test = val[: n_val // 2], val[n_val // 2 :]
     x_mean, x_sd = x[train].mean(0), x[train].std(0)
     x_sd = torch.where(x_sd > 0, x_sd, torch.ones_like(x_sd))
