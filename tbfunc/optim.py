@@ -16,6 +16,12 @@ the step's draw ``theta = mu + sigma * eps`` and ``g`` the gradient of the mean 
 4. ``mu = mu - lr (gbar / (1 - beta1^t) + delta (mu - prior_mean)) / (h + delta)``;
 5. ``rho = softplus^-1(1 / sqrt(N (h + delta)))``.
 
+The correction of step 3 keeps ``h + delta > 0`` only for a fixed ``delta``. A learned prior
+scale (``prior_scale="node"``/``"layer"``) changes ``delta`` between steps, and a ``delta``
+that falls below a negative ``h`` would make the precision negative and ``sigma`` NaN. So with
+a learned scale, ``h`` is first raised to at least ``-(1 - 1e-3) delta``, which keeps the
+precision at no less than ``1e-3 delta`` (a choice of ours, not the papers').
+
 The result is an ordinary tbfunc posterior tree (``predict``, ``save``, ``PosteriorModule``
 work on it). ``von`` is functional (optax-like ``init``/``update``; the eps of step 1 is drawn
 again from the step's key, since tbfunc's noise is a pure function of the key: nothing is
@@ -46,6 +52,7 @@ __all__ = ["VON", "Adam", "VONState", "von"]
 LearningRate = float | Callable[[int], float]
 PriorScale = Literal["fixed", "node", "layer"]
 Tensors = list[Tensor] | tuple[Tensor, ...]  # what torch._foreach ops take and return
+_PRECISION_FLOOR = 1e-3  # with a learned delta, h + delta >= this * delta (module docstring)
 
 
 class VONState(NamedTuple):
@@ -147,6 +154,9 @@ def von(
         names = list(nodes)
         with torch.no_grad():
             deltas = _precisions(nodes, prior_mean, prior_scale, config)
+            hessians = [state.hessian[n] for n in names]
+            if prior_scale != "fixed":
+                hessians = [_above_precision_floor(state.hessian[n], deltas[n]) for n in names]
             mus, rhos, gbars, hs = _step(
                 config,
                 step,
@@ -155,7 +165,7 @@ def von(
                 [grads[n] for n in names],
                 torch._foreach_mul([grads[n] for n in names], [noise[n] for n in names]),
                 [state.momentum[n] for n in names],
-                [state.hessian[n] for n in names],
+                hessians,
                 None if prior_mean is None else [prior_mean[n] for n in names],
                 [deltas[n] for n in names],
             )
@@ -251,6 +261,9 @@ class VON(torch.optim.Optimizer):
                     state["hessian"] = torch.full_like(mu, config.hess_init)
                 state["step"] += 1
             states = [self.state[mu] for mu in mus]
+            if self._prior_scale != "fixed":
+                for name, state in zip(self._names, states, strict=True):
+                    state["hessian"] = _above_precision_floor(state["hessian"], deltas[name])
             if self._fused_step(config, mus, rhos, states, deltas):
                 continue
             rho_grads = [rho.grad for rho in rhos]
@@ -487,6 +500,14 @@ def _precisions(
     )
     priors = empirical_prior(nodes, centres, per=prior_scale)  # type: ignore[arg-type]
     return {name: 1.0 / (config.num_data * priors[name].sigma ** 2) for name in nodes}
+
+
+def _above_precision_floor(h: Tensor, delta: float | Tensor) -> Tensor:
+    """``h`` raised to at least ``-(1 - 1e-3) delta`` (a new tensor: the functional form's
+    state is never written): the precision ``h + delta`` stays at ``1e-3 delta`` or more when
+    a learned ``delta`` falls below a negative ``h``."""
+    floor = -(1.0 - _PRECISION_FLOOR) * delta
+    return h.clamp(min=floor) if isinstance(floor, float) else torch.maximum(h, floor.to(h))
 
 
 def _check_prior_scale(prior_scale: Any) -> None:

@@ -214,6 +214,49 @@ def test_a_learned_prior_scale_is_the_empirical_bayes_precision(per):
         assert float(scales["0.weight"].sigma) == float(scales["0.bias"].sigma)
 
 
+@pytest.mark.parametrize("form", ["functional", "class"])
+def test_a_learned_prior_scale_never_makes_the_precision_negative(form):
+    # h may be negative down to -delta; a learned delta that then falls below -h gave
+    # h + delta < 0 and sigma = NaN (seen on UCI wine-quality-red). h is raised to
+    # -(1 - 1e-3) delta first; with zero gradients and beta2 = 0.5 the step is known exactly
+    net, _, _ = _classifier()
+    post = tb.from_module(net, sigma=0.05)
+    centre = {n: p.mu.detach() + 0.1 for n, p in post.items()}
+    kwargs = dict(num_data=40, beta2=0.5, prior_mean=centre, prior_scale="layer")
+    scales = tb.empirical_prior(
+        post, {n: tb.GaussianPrior(c) for n, c in centre.items()}, per="layer"
+    )
+    deltas = {n: float(1 / (40 * scales[n].sigma ** 2)) for n in post}
+    zero = {n: torch.zeros_like(p.mu) for n, p in post.items()}
+    if form == "functional":
+        fn = tb.optim.von(0.1, **kwargs)
+        state = fn.init(post)
+        state = state._replace(
+            hessian={n: torch.full_like(h, -10 * deltas[n]) for n, h in state.hessian.items()}
+        )
+        new, _ = fn.update(zero, state, post, tb.random.key(0))
+    else:
+        opt = tb.optim.VON(post, lr=0.1, **kwargs)
+        for n, p in post.items():  # the state a first step would make, with h at -10 delta
+            opt.state[p.mu].update(
+                step=torch.zeros((), dtype=torch.int64),
+                momentum=torch.zeros_like(p.mu),
+                hessian=torch.full_like(p.mu, -10 * deltas[n]),
+            )
+            p.mu.grad, p.rho.grad = torch.zeros_like(p.mu), torch.zeros_like(p.rho)
+        opt.step()
+        new = post
+    for name in post:
+        delta = deltas[name]
+        h = -(1 - 1e-3) * delta
+        h_new = 0.5 * h + 0.25 * h**2 / (2 * (h + delta))
+        expected = (40 * (h_new + delta)) ** -0.5
+        assert torch.isfinite(new[name].rho).all(), name
+        assert torch.allclose(
+            new[name].sigma, torch.full_like(new[name].sigma, expected), rtol=1e-4
+        ), name
+
+
 def test_sigma_follows_the_curvature_and_clip_bounds_the_step():
     net, _, _ = _classifier()
     post = tb.from_module(net)
