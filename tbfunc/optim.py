@@ -506,8 +506,8 @@ def _above_precision_floor(h: Tensor, delta: float | Tensor) -> Tensor:
     """``h`` raised to at least ``-(1 - 1e-3) delta`` (a new tensor: the functional form's
     state is never written): the precision ``h + delta`` stays at ``1e-3 delta`` or more when
     a learned ``delta`` falls below a negative ``h``."""
-    floor = -(1.0 - _PRECISION_FLOOR) * delta
-    return h.clamp(min=floor) if isinstance(floor, float) else torch.maximum(h, floor.to(h))
+    floor = -(1.0 - _PRECISION_FLOOR) * torch.as_tensor(delta)
+    return torch.maximum(h, floor.to(h))
 
 
 def _check_prior_scale(prior_scale: Any) -> None:
