@@ -194,6 +194,17 @@ def test_uci_validation_mode_scores_half_the_validation_slice_and_never_the_test
     assert not test_rows & {tuple(r) for r in halves.tolist()}
 
 
+def test_uci_validation_mode_reaches_the_split_and_the_report(tmp_path):
+    # --evaluate-on val must change the rows scored, not only the header
+    uci = load("uci_eval")
+    folder = _uci_folder(tmp_path)
+    recipe = uci.recipes.scaled(uci.UCI, 0.01)
+    on_test = uci.run_split(folder, 0, ["MAP"], recipe, 2)["MAP"]
+    on_val = uci.run_split(folder, 0, ["MAP"], recipe, 2, "val")["MAP"]
+    assert on_val["rmse"] != on_test["rmse"]
+    assert uci.markdown({}, 2, "val").startswith("Validation rows")
+
+
 def test_uci_benchmark_names_a_missing_data_set(tmp_path, capsys):
     uci = load("uci_eval")
     with pytest.raises(SystemExit):
@@ -245,6 +256,21 @@ def test_summary_judges_every_bar_in_both_directions(tmp_path):
     assert verdicts["UCI boston: recommended test LL >= PBP's"]
     assert not verdicts["UCI yacht: recommended test LL >= PBP's"]
     assert not verdicts["UCI: recommended >= published MC dropout on at least 3 sets"]
+    # exactly at the published MC dropout counts as beating it, on 3 sets the bar is met,
+    # and the sets beaten are named
+    at = {"test_ll": [-2.40], "rmse": [1.0]}
+    three = {
+        "boston": {"recommended": at},
+        "energy": {"recommended": {"test_ll": [-1.0], "rmse": [1.0]}},
+        "yacht": {"recommended": {"test_ll": [-1.25], "rmse": [1.0]}},
+        "concrete": {"recommended": {"test_ll": [-2.94], "rmse": [1.0]}},
+    }
+    judged = {bar: (met, numbers) for bar, met, numbers in summarize.bars(None, three)}
+    met, numbers = judged["UCI: recommended >= published MC dropout on at least 3 sets"]
+    assert met and numbers == "3 of 4 (boston, energy, yacht)"
+    del three["yacht"]
+    judged = {bar: (met, numbers) for bar, met, numbers in summarize.bars(None, three)}
+    assert judged["UCI: recommended >= published MC dropout on at least 3 sets"][0] is False
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "results.json").write_text(json.dumps(good))
     text = summarize.main(["--classification", str(tmp_path / "c")])
