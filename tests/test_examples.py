@@ -205,6 +205,29 @@ def test_uci_validation_mode_reaches_the_split_and_the_report(tmp_path):
     assert uci.markdown({}, 2, "val").startswith("Validation rows")
 
 
+def test_uci_ivon_row_runs_at_the_setting_the_readme_reports():
+    # the README's IVON row used the classification VON setting with UCI's steps and batch; a
+    # rerun that handed IVON the UCI VON setting would diverge and disagree with the table
+    uci = load("uci_eval")
+    ivon = uci.ivon_recipe(uci.UCI)
+    default = uci.recipes.Recipe()
+    assert (ivon.von_lr, ivon.von_hess_init, ivon.von_beta2) == (
+        default.von_lr,
+        default.von_hess_init,
+        default.von_beta2,
+    )
+    assert (ivon.von_steps, ivon.batch_size, ivon.von_clip) == (
+        uci.UCI.von_steps,
+        uci.UCI.batch_size,
+        uci.UCI.von_clip,
+    )
+    assert (uci.UCI.von_lr, uci.UCI.von_hess_init, uci.UCI.von_beta2) != (
+        ivon.von_lr,
+        ivon.von_hess_init,
+        ivon.von_beta2,
+    )
+
+
 def test_uci_benchmark_names_a_missing_data_set(tmp_path, capsys):
     uci = load("uci_eval")
     with pytest.raises(SystemExit):
