@@ -161,7 +161,7 @@ def bars(classification: dict | None, uci: dict | None) -> list[tuple[str, bool,
                 "UCI: recommended >= published MC dropout on at least 3 sets",
                 len(beats_dropout) >= 3,
                 f"{len(beats_dropout)} of {len(uci)}"
-                + (f" ({', '.join(beats_dropout)})" * bool(beats_dropout)),
+                + (f" ({', '.join(beats_dropout)})" if beats_dropout else ""),
             )
         )
     return out

@@ -154,9 +154,12 @@ def von(
         names = list(nodes)
         with torch.no_grad():
             deltas = _precisions(nodes, prior_mean, prior_scale, config)
-            hessians = [state.hessian[n] for n in names]
-            if prior_scale != "fixed":
-                hessians = [_above_precision_floor(state.hessian[n], deltas[n]) for n in names]
+            hessians = [
+                state.hessian[n]
+                if prior_scale == "fixed"
+                else _above_precision_floor(state.hessian[n], deltas[n])
+                for n in names
+            ]
             mus, rhos, gbars, hs = _step(
                 config,
                 step,
@@ -263,7 +266,8 @@ class VON(torch.optim.Optimizer):
             states = [self.state[mu] for mu in mus]
             if self._prior_scale != "fixed":
                 for name, state in zip(self._names, states, strict=True):
-                    state["hessian"] = _above_precision_floor(state["hessian"], deltas[name])
+                    h = state["hessian"]
+                    _above_precision_floor(h, deltas[name], out=h)
             if self._fused_step(config, mus, rhos, states, deltas):
                 continue
             rho_grads = [rho.grad for rho in rhos]
@@ -311,7 +315,7 @@ class VON(torch.optim.Optimizer):
             return False
         step = int(states[0]["step"])
         _fused.von_step(
-            (mus, rhos, [mu.grad for mu in mus], [rho.grad for rho in rhos]),  # type: ignore[misc]
+            (mus, rhos, grads[: len(mus)], grads[len(mus) :]),  # type: ignore[arg-type]
             gbars,
             hs,
             centres,
@@ -502,12 +506,15 @@ def _precisions(
     return {name: 1.0 / (config.num_data * priors[name].sigma ** 2) for name in nodes}
 
 
-def _above_precision_floor(h: Tensor, delta: float | Tensor) -> Tensor:
-    """``h`` raised to at least ``-(1 - 1e-3) delta`` (a new tensor: the functional form's
-    state is never written): the precision ``h + delta`` stays at ``1e-3 delta`` or more when
-    a learned ``delta`` falls below a negative ``h``."""
+def _above_precision_floor(
+    h: Tensor, delta: float | Tensor, *, out: Tensor | None = None
+) -> Tensor:
+    """``h`` raised to at least ``-(1 - 1e-3) delta``: the precision ``h + delta`` stays at
+    ``1e-3 delta`` or more when a learned ``delta`` falls below a negative ``h``. A new tensor
+    (the functional form's state is never written), or written to ``out`` (the optimizer's
+    own state, in place: no allocation per step)."""
     floor = -(1.0 - _PRECISION_FLOOR) * torch.as_tensor(delta)
-    return torch.maximum(h, floor.to(h))
+    return torch.maximum(h, floor.to(h), out=out)
 
 
 def _check_prior_scale(prior_scale: Any) -> None:
