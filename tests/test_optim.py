@@ -214,18 +214,17 @@ def test_a_learned_prior_scale_is_the_empirical_bayes_precision(per):
         assert float(scales["0.weight"].sigma) == float(scales["0.bias"].sigma)
 
 
+@pytest.mark.parametrize("per", ["node", "layer"])
 @pytest.mark.parametrize("form", ["functional", "class"])
-def test_a_learned_prior_scale_never_makes_the_precision_negative(form):
+def test_a_learned_prior_scale_never_makes_the_precision_negative(form, per):
     # h may be negative down to -delta; a learned delta that then falls below -h gave
     # h + delta < 0 and sigma = NaN (seen on UCI wine-quality-red). h is raised to
     # -(1 - 1e-3) delta first; with zero gradients and beta2 = 0.5 the step is known exactly
     net, _, _ = _classifier()
     post = tb.from_module(net, sigma=0.05)
     centre = {n: p.mu.detach() + 0.1 for n, p in post.items()}
-    kwargs = dict(num_data=40, beta2=0.5, prior_mean=centre, prior_scale="layer")
-    scales = tb.empirical_prior(
-        post, {n: tb.GaussianPrior(c) for n, c in centre.items()}, per="layer"
-    )
+    kwargs = dict(num_data=40, beta2=0.5, prior_mean=centre, prior_scale=per)
+    scales = tb.empirical_prior(post, {n: tb.GaussianPrior(c) for n, c in centre.items()}, per=per)
     deltas = {n: float(1 / (40 * scales[n].sigma ** 2)) for n in post}
     zero = {n: torch.zeros_like(p.mu) for n, p in post.items()}
     if form == "functional":
