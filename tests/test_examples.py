@@ -153,6 +153,11 @@ def test_uci_benchmark_reads_the_standard_layout_and_reports_per_split(tmp_path)
         assert all(v > 0 for v in row["rmse"])
     # the refitted noise can only raise the validation likelihood, and the RMSE is untouched
     assert saved["toy"]["MAP + temperature"]["rmse"] == saved["toy"]["MAP"]["rmse"]
+    # the recommended row is the natural-gradient posterior with its noise refitted on the
+    # validation slice (UCI.temperature): the same means, another likelihood
+    assert uci.UCI.temperature == "fit"
+    recommended, plain = saved["toy"]["recommended"], saved["toy"]["natural gradient"]
+    assert recommended["rmse"] == plain["rmse"] and recommended["test_ll"] != plain["test_ll"]
     text = (tmp_path / "out" / "results.md").read_text()
     assert "| toy | recommended | " in text and "standard error over 2 splits" in text
     assert results["toy"]["MAP"]["rmse"] == saved["toy"]["MAP"]["rmse"]
