@@ -34,6 +34,7 @@ __all__ = [
     "brier_score",
     "expected_calibration_error",
     "expected_entropy",
+    "fit_noise",
     "fit_temperature",
     "fpr_at_tpr",
     "gaussian_nll",
@@ -158,9 +159,7 @@ def fit_temperature(
         bounds: the range of ``T`` searched.
     """
     target = core.check_target(target, core.check_logits(logits))
-    low, high = bounds
-    if not (isinstance(low, int | float) and isinstance(high, int | float) and 0 < low < high):
-        fail("bounds", "a pair (low, high) with 0 < low < high", bounds)
+    _check_bounds(bounds)
     with torch.no_grad():
         wide = logits.detach().double()
         picked = target.long()[..., None]
@@ -169,23 +168,83 @@ def fit_temperature(
             log_p = core.mixture(wide / math.exp(log_t))
             return float(-log_p.gather(-1, picked)[..., 0].mean())
 
-        grid = torch.linspace(math.log(low), math.log(high), 41).tolist()
-        values = [loss(t) for t in grid]
-        best = min(range(len(grid)), key=values.__getitem__)
-        a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
-        ratio = (math.sqrt(5) - 1) / 2
-        c, d = b - ratio * (b - a), a + ratio * (b - a)
-        fc, fd = loss(c), loss(d)
-        for _ in range(40):
-            if fc < fd:
-                b, d, fd = d, c, fc
-                c = b - ratio * (b - a)
-                fc = loss(c)
-            else:
-                a, c, fc = c, d, fd
-                d = a + ratio * (b - a)
-                fd = loss(d)
-    return math.exp((a + b) / 2)
+        return math.exp(_argmin_log(loss, *bounds))
+
+
+def fit_noise(
+    samples: Tensor, target: Tensor, *, bounds: tuple[float, float] | None = None
+) -> float:
+    """The observation noise ``s`` minimising ``gaussian_nll(samples, target, s)``: the
+    regression analogue of temperature scaling. Fit it on a validation split, then report
+    ``gaussian_nll(test_samples, test_target, s)``; the means (and the RMSE) do not change.
+
+    One ``s`` for every element (homoscedastic, in the target's units). The search is a grid
+    over ``log s`` followed by golden-section refinement, deterministic, no learning rate.
+
+    Args:
+        samples: ``(S, ...)`` predicted means (one model: ``mean[None]``).
+        target: shaped like one sample.
+        bounds: the range of ``s`` searched. Default: from 1e-4 to 1 times the root mean
+            squared residual over all draws, ``sqrt(mean((samples - target)^2))``: the optimum
+            of one draw, and an upper bound for the mixture's (its spread adds to the noise).
+            Pass e.g. ``(learned_noise, 1e3)`` to widen the predictive only.
+    """
+    samples, target = _regression(samples, target)
+    with torch.no_grad():
+        wide = samples.detach().double()
+        truth = target.detach().double()
+        if bounds is None:
+            residual = math.sqrt(float((wide - truth).pow(2).mean()))
+            if not 0 < residual < math.inf:
+                fail(
+                    "samples",
+                    "predictions with a positive, finite residual (a perfect fit has no optimal "
+                    "noise: the likelihood grows without bound as it shrinks)",
+                    samples,
+                    f"The root mean squared residual is {residual}; pass bounds to search anyway.",
+                )
+            bounds = (1e-4 * residual, residual)
+        _check_bounds(bounds)
+        count = math.log(wide.shape[0])
+
+        def loss(log_s: float) -> float:  # gaussian_nll without its checks and constants
+            z = (truth - wide) * math.exp(-log_s)
+            return float(-(torch.logsumexp(-0.5 * z * z, dim=0) - count).mean()) + log_s
+
+        return math.exp(_argmin_log(loss, *bounds))
+
+
+def _check_bounds(bounds: Any) -> None:
+    ok = isinstance(bounds, tuple | list) and len(bounds) == 2
+    if ok:
+        low, high = bounds
+        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in bounds)
+        ok = ok and 0 < low < high < math.inf
+    if not ok:
+        fail("bounds", "a pair (low, high) with 0 < low < high", bounds)
+
+
+def _argmin_log(loss: Any, low: float, high: float) -> float:
+    """The minimiser of ``loss(log x)`` for ``x`` in ``[low, high]``, as ``log x``: the best of a
+    41-point grid, then 40 golden-section steps between its neighbours (a unimodal loss near
+    its minimum is all this assumes)."""
+    grid = torch.linspace(math.log(low), math.log(high), 41).tolist()
+    values = [loss(t) for t in grid]
+    best = min(range(len(grid)), key=values.__getitem__)
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(40):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return (a + b) / 2
 
 
 def predictive_entropy(logits: Tensor) -> Tensor:

@@ -140,6 +140,31 @@ def test_fit_temperature_recovers_a_planted_temperature_from_either_side():
         assert float(m.nll(z[None] / fitted, y)) <= float(m.nll(z[None], y))
 
 
+def test_fit_noise_is_the_residual_scale_for_one_model():
+    # one deterministic model: the Gaussian likelihood's optimal sd is the RMS residual,
+    # in closed form; a loss that scaled or dropped the log-sd term would miss it
+    mean, noise = data(500, 2, seed=18), data(500, 2, seed=19)
+    for scale in (0.03, 4.0):
+        target = mean + scale * noise
+        residual = float((target - mean).pow(2).mean().sqrt())
+        assert m.fit_noise(mean[None], target) == pytest.approx(residual, rel=1e-6)
+
+
+def test_fit_noise_minimises_the_mixture_likelihood_within_its_bounds():
+    # the reference is gaussian_nll itself, on a fine grid: with draws that spread, the
+    # mixture needs less noise than the residual, and the search must find that minimum
+    draws = data(8, 300, seed=20) * 0.5
+    target = data(300, seed=21)
+    fitted = m.fit_noise(draws, target)
+    grid = torch.logspace(-3, 1, 4001, dtype=torch.float64).tolist()
+    best = min(grid, key=lambda s: float(m.gaussian_nll(draws.double(), target.double(), s)))
+    assert fitted == pytest.approx(best, rel=2e-3)
+    assert fitted < float((draws - target).pow(2).mean().sqrt())
+    # a lower bound above the optimum is kept (widen-only calibration)
+    assert m.fit_noise(draws, target, bounds=(2 * best, 10.0)) == pytest.approx(2 * best)
+    assert m.fit_noise(draws, target, bounds=(1e-3, best / 2)) == pytest.approx(best / 2)
+
+
 def test_bad_input_names_the_argument():
     samples, y = data(3, 4), data(4)
     with pytest.raises(
@@ -160,6 +185,10 @@ def test_bad_input_names_the_argument():
         ValueError, match=r"bounds must be a pair \(low, high\) with 0 < low < high"
     ):
         m.fit_temperature(data(1, 4, 3), torch.zeros(4, dtype=torch.long), bounds=(2.0, 1.0))
+    with pytest.raises(ValueError, match=r"bounds must be a pair \(low, high\) with 0 < low"):
+        m.fit_noise(samples, y, bounds=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"samples must be predictions with a positive, finite"):
+        m.fit_noise(y[None], y)
     with pytest.raises(ValueError, match=r"noise must be a positive float, got float 0.0"):
         tb.GaussianLikelihood.from_noise(0.0)
     with pytest.raises(ValueError, match=r"target must be a tensor of the mean's shape \(4, 1\)"):
