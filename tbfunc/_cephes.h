@@ -1,8 +1,9 @@
 /* float32 ln and exp shared by tbfunc's CPU kernels: Cephes' polynomials (Moshier), written
  * without branches or calls so that gcc and clang vectorise the loops that use them. The
  * constants are float32 values spelled in hex (tbfunc._philox uses the very same ones for the
- * noise's ln). Each function's steps are fixed (the kernels build with -ffp-contract=off), so
- * every caller rounds alike. */
+ * noise's ln). Each function's steps are fixed: the noise kernel builds with -ffp-contract=off,
+ * so its callers round alike and as tbfunc._philox does; the training kernels (_train.c)
+ * contract into FMAs, which round otherwise, and need agree with tensor ops only to rounding. */
 
 #ifndef TBFUNC_CEPHES_H
 #define TBFUNC_CEPHES_H

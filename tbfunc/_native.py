@@ -36,9 +36,11 @@ __all__ = ["kernel"]
 # the noise kernel, the training kernels and the polynomials both use: one library
 _SOURCES = [Path(__file__).with_name(name) for name in ("_noise.c", "_train.c")]
 _HEADERS = [Path(__file__).with_name("_cephes.h")]
-# -ffp-contract=off: no FMA contraction, so the vectorised and scalar code and tbfunc._philox
-# round alike. -fno-trapping-math lets the compiler vectorise the selects (it only drops the
-# promise about floating-point exception flags); no -ffast-math, which would reorder.
+# -ffp-contract=off: no FMA contraction, so the noise kernel's vectorised and scalar code and
+# tbfunc._philox round alike (_train.c turns contraction back on for the training kernels,
+# which need agree with tensor ops only to rounding). -fno-trapping-math lets the compiler
+# vectorise the selects (it only drops the promise about floating-point exception flags); no
+# -ffast-math, which would reorder.
 _FLAGS = [
     "-O3",
     "-march=native",
@@ -156,8 +158,9 @@ def _compiler() -> tuple[list[str], str]:
 
 def _cached(command: list[str], version: str) -> tuple[Path, str]:
     """The verified cached library, built first if need be; without ``-march=native`` where
-    the compiler refuses it (older clang on ARM), with the same bits (no FMA contraction either
-    way), only less vectorised. Also a note to warn with, or ""."""
+    the compiler refuses it (older clang on ARM), with the same noise (no FMA contraction either
+    way), only less vectorised; the training kernels then lose their FMAs (to rounding). Also a
+    note to warn with, or ""."""
     failure: subprocess.SubprocessError | None = None
     for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
         try:

@@ -13,7 +13,20 @@
  *
  * Every kernel sees the virtual concatenation of its nodes' elements and handles [begin, end),
  * so callers split one call over threads. float32 uses the polynomials of _cephes.h; float64
- * uses libm. Built with -ffp-contract=off, like the noise kernel: no FMA contraction. */
+ * uses libm.
+ *
+ * Unlike the noise kernel, these contract a * b + c into FMAs where the CPU has them (the
+ * pragma below; the build passes -ffp-contract=off for the noise's sake). Nothing here must
+ * match tensor ops bit for bit, only to rounding, and the polynomials' chains of dependent
+ * operations, which bound these loops, get half as long: the VON update ran 30% faster. The
+ * results are still the same for any thread count (the vectorised and scalar parts of a loop
+ * contract alike); across CPUs with and without FMA they agree to rounding. */
+
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
 
 #include <math.h>
 #include <stdint.h>
@@ -343,21 +356,32 @@ static inline float inverse_softplus32(float s) {
 
 static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); }
 
+/* Three loops per block of CHUNK elements: softplus, the update, then the inverse softplus.
+ * Each is a short chain of dependent operations, so the out-of-order core overlaps many
+ * elements of it; one loop doing all three was bound by the chain's latency (14% slower, the
+ * same bits). */
 #define VON_LOOP(T, SIGMOID, SOFTPLUS, INVERSE, SQRT, PULL)                                   \
-    for (int64_t k = a; k < b; k++) {                                                          \
-        T sigma = SOFTPLUS(rho[k]);                                                            \
-        T h_hat = (gr[k] / SIGMOID(rho[k])) / sigma;                                           \
-        T g = gm[k], m = gbar[k], old = h[k];                                                  \
-        m = m + w1 * (g - m);                                                                  \
-        T gap = old - h_hat;                                                                   \
-        T fresh = old + w2 * (h_hat - old) + correction * ((gap * gap) / (old + delta));       \
-        T precision = fresh + delta;                                                           \
-        T d = ((PULL) * delta + m * bc1) / precision;                                          \
-        d = d < -clip ? -clip : (d > clip ? clip : d);                                         \
-        gbar[k] = m;                                                                           \
-        h[k] = fresh;                                                                          \
-        mu[k] = mu[k] - lr * d;                                                                \
-        rho[k] = INVERSE((T)1 / SQRT(precision * n));                                          \
+    for (int64_t lo = a; lo < b; lo += CHUNK) {                                                \
+        int64_t count = b - lo < CHUNK ? b - lo : CHUNK;                                       \
+        T buffer[CHUNK];                                                                       \
+        for (int64_t i = 0; i < count; i++) buffer[i] = SOFTPLUS(rho[lo + i]);                 \
+        for (int64_t i = 0; i < count; i++) {                                                  \
+            int64_t k = lo + i;                                                                \
+            T sigma = buffer[i];                                                               \
+            T h_hat = (gr[k] / SIGMOID(rho[k])) / sigma;                                       \
+            T g = gm[k], m = gbar[k], old = h[k];                                              \
+            m = m + w1 * (g - m);                                                              \
+            T gap = old - h_hat;                                                               \
+            T fresh = old + w2 * (h_hat - old) + correction * ((gap * gap) / (old + delta));   \
+            T precision = fresh + delta;                                                       \
+            T d = ((PULL) * delta + m * bc1) / precision;                                      \
+            d = d < -clip ? -clip : (d > clip ? clip : d);                                     \
+            gbar[k] = m;                                                                       \
+            h[k] = fresh;                                                                      \
+            mu[k] = mu[k] - lr * d;                                                            \
+            buffer[i] = (T)1 / SQRT(precision * n); /* the new sigma */                        \
+        }                                                                                      \
+        for (int64_t i = 0; i < count; i++) rho[lo + i] = INVERSE(buffer[i]);                  \
     }
 
 /* one loop with a centre and one without, so that each vectorises; no clip: clip = inf */
