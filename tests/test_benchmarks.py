@@ -80,3 +80,32 @@ def test_frozen_base_benchmark_runs():
 
     text = frozen_main(["--batch", "2", "--tokens", "4", "--rounds", "1", "--steps", "1"])
     assert "trainable (" in text and "frozen" in text
+
+
+def test_kernel_ab_builds_a_revision_and_serves_each_build_its_own_steps(tmp_path):
+    # the A/B of two kernel builds: a swap that left one build serving both columns would
+    # report a change as no change
+    from benchmarks import kernel_ab
+    from tbfunc import _native
+
+    real = _native.kernel()
+    assert kernel_ab.build("HEAD", tmp_path).tb_von is not None  # the revision compiles
+
+    class Spy:
+        def __init__(self) -> None:
+            self.calls: set[str] = set()
+
+        def __getattr__(self, name: str):
+            self.calls.add(name)
+            return getattr(real, name)
+
+    spies = {"a": Spy(), "b": Spy()}
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng():
+        table = kernel_ab.compare(spies, "W1", 1, 1)
+    torch.set_num_threads(threads)
+    for spy in spies.values():
+        assert {"tb_fill", "tb_draw_grad", "tb_adam", "tb_von"} <= spy.calls
+    assert set(table) == {"a", "b"}
+    assert all(row["VON"] > 0 and row["deterministic ms"] > 0 for row in table.values())
+    assert _native.kernel() is real  # restored
