@@ -63,13 +63,13 @@ def compare(
         "VON": training.von_step(model, x, y),
     }
     original = _native.kernel
-    current: list[ctypes.CDLL] = []
-    _native.kernel = lambda: current[-1]  # every kernel call of the steps goes through it
+    current = [original()]  # one slot: the build serving the steps now
+    _native.kernel = lambda: current[0]  # every kernel call of the steps goes through it
     times: dict[tuple[str, str], list[float]] = {(b, s): [] for b in libraries for s in steps}
     try:
         for warm in (True, *([False] * rounds)):
             for name, library in libraries.items():
-                current.append(library)
+                current[0] = library
                 for step, run in steps.items():
                     started = time.perf_counter()
                     run()

@@ -191,10 +191,9 @@ def fit_noise(
     """
     samples, target = _regression(samples, target)
     with torch.no_grad():
-        wide = samples.detach().double()
-        truth = target.detach().double()
+        residuals = target.detach().double() - samples.detach().double()
         if bounds is None:
-            residual = math.sqrt(float((wide - truth).pow(2).mean()))
+            residual = math.sqrt(float(residuals.pow(2).mean()))
             if not 0 < residual < math.inf:
                 fail(
                     "samples",
@@ -205,11 +204,11 @@ def fit_noise(
                 )
             bounds = (1e-4 * residual, residual)
         _check_bounds(bounds)
-        count = math.log(wide.shape[0])
+        log_count = math.log(samples.shape[0])
 
-        def loss(log_s: float) -> float:  # gaussian_nll without its checks and constants
-            z = (truth - wide) * math.exp(-log_s)
-            return float(-(torch.logsumexp(-0.5 * z * z, dim=0) - count).mean()) + log_s
+        def loss(log_s: float) -> float:  # gaussian_nll without its checks and its 2 pi
+            z = residuals * math.exp(-log_s)
+            return float(-(torch.logsumexp(-0.5 * z * z, dim=0) - log_count).mean()) + log_s
 
         return math.exp(_argmin_log(loss, *bounds))
 
