@@ -326,3 +326,26 @@ def test_the_readme_benchmark_tables_are_the_stored_results():
     assert len(lines) > 60
     missing = [line for line in lines if line not in readme.splitlines()]
     assert not missing, missing
+
+
+def test_uci_soften_refits_only_above_the_learned_noise(tmp_path, monkeypatch):
+    # "soften" may only widen the predictive: its refit must search from the learned noise up
+    # (a refit that ignored the lower bound would be "fit" under another name)
+    uci = load("uci_eval")
+    folder = _uci_folder(tmp_path)
+    seen = []
+    fit_noise = uci.tb.metrics.fit_noise
+
+    def spy(samples, target, *, bounds=None):
+        seen.append(bounds)
+        return fit_noise(samples, target, bounds=bounds)
+
+    monkeypatch.setattr(uci.tb.metrics, "fit_noise", spy)
+    for temperature in ("fit", "soften"):
+        recipe = uci.recipes.scaled(uci.UCI, 0.01)._replace(temperature=temperature)
+        with torch.random.fork_rng():
+            uci.run_split(folder, 0, ["recommended"], recipe, 2)
+    fitted, softened = seen
+    assert fitted is None
+    low, high = softened
+    assert low > 0 and high == 1e3 * low
