@@ -25,6 +25,7 @@ from tbfunc._dropout import active_dropout, keyed_dropout
 from tbfunc._explain import first_line, raise_if_forward_fails, same_kind
 from tbfunc._sampling import tracked
 from tbfunc._structure import GENERATION, SLOTS, Facts, module_facts
+from tbfunc._vmap import leading
 
 __all__ = [
     "Strategy",
@@ -211,12 +212,12 @@ def _vmapped(module: nn.Module, weights: Weights, args: Any, kwargs: Any) -> Any
         # vmap returns only tensors: the rest (None, ints, strings) is put back afterwards.
         return tuple(leaf for leaf in leaves if isinstance(leaf, Tensor))
 
-    inputs = (weights.tensors,) if weights.dropout is None else (weights.tensors, weights.dropout)
+    extra = () if weights.dropout is None else (weights.dropout,)
     if facts is not None and not facts.attends:  # nothing to switch (and no context to enter)
-        outputs = torch.func.vmap(forward)(*inputs)
+        outputs = leading(forward, weights.tensors, extra, weights.samples)
     else:
         with _batchable_kernels(weights.tensors):
-            outputs = torch.func.vmap(forward)(*inputs)
+            outputs = leading(forward, weights.tensors, extra, weights.samples)
     if static["leaves"] is None:
         return outputs[0]
     batched = iter(outputs)

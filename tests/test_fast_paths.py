@@ -3,11 +3,18 @@
 - Sampled tensors are swapped into the module's parameter tables directly, unless the module
   has tied weights, parametrizations or is scripted: same outputs as functional_call, and the
   module's own tensors are back afterwards, also when the forward raises.
+- Eager forwards enter the vmap level directly (``_vmap``), not through ``torch.func.vmap``:
+  the same outputs and gradients, for every kind of output leaf, and the level is closed again
+  when the forward raises.
 - Kernel switches for attention are skipped for modules made only of ``torch.nn`` layers
   without attention; any other module gets them.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -17,7 +24,7 @@ from torch.nn.utils import parametrize
 
 import tbfunc as tb
 from helpers import data, mlp, seeded
-from tbfunc import _forward, _structure
+from tbfunc import _forward, _structure, _vmap
 
 KEY = tb.random.key(4)
 
@@ -77,6 +84,78 @@ def test_the_module_gets_its_tensors_back_when_the_forward_raises():
         with pytest.raises(RuntimeError, match="boom"):
             tb.predict(net, post, KEY, data(2, 3), num_samples=2, strategy=strategy)
         assert net.lin._parameters["weight"] is own
+        # a vmap level left open would batch (and refuse randomness in) all later code
+        assert torch._C._functorch.peek_interpreter_stack() is None
+
+
+class ThreeLeaves(nn.Module):
+    """Outputs of every kind a forward returns: one the weights reach, one no batched input
+    reaches (returned expanded to S rows), and a non-tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.drop = nn.Dropout(0.5)
+        self.register_buffer("scale", torch.arange(3.0))
+
+    def forward(self, x):
+        return self.drop(self.lin(x)), self.scale * 2, None
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_direct_vmap_level_gives_torch_func_vmaps_outputs_and_gradients(monkeypatch, dropout):
+    net = seeded(ThreeLeaves).eval()
+    post = {
+        name: node._replace(mu=node.mu.requires_grad_(), rho=node.rho.requires_grad_())
+        for name, node in tb.from_module(net).items()
+    }
+    x = data(5, 4)
+
+    def run():
+        out = tb.predict(net, post, KEY, x, num_samples=3, strategy="vmap", dropout=dropout)
+        leaves = [post[name] for name in sorted(post)]
+        grads = torch.autograd.grad(out[0].square().sum(), [t for n in leaves for t in n])
+        return out, grads
+
+    direct = run()
+    monkeypatch.setattr(_vmap, "_PRIMITIVES", None)  # torch.func.vmap itself
+    public = run()
+    assert direct[0][1].shape == (3, 3) and direct[0][2] is None and public[0][2] is None
+    torch.testing.assert_close(direct, public, rtol=0, atol=0)
+    assert not torch.equal(direct[0][0][0], direct[0][0][1]), "samples differ"
+
+
+def test_the_direct_vmap_level_loads_vmaps_python_batching_rules_in_a_fresh_process():
+    """torch.func.vmap loads a few batching rules (nll_loss, addr, ...) on its first call; a
+    process whose first vmap is tbfunc's must get them too, or those ops fall back to a slow
+    per-sample loop with a warning (an error here)."""
+    script = textwrap.dedent(
+        """
+        import warnings
+        warnings.simplefilter("error")
+        import torch, tbfunc as tb
+        import torch.nn.functional as F
+
+        class Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lin = torch.nn.Linear(4, 3)
+
+            def forward(self, x):
+                target = torch.zeros(len(x), dtype=torch.long)
+                return F.nll_loss(self.lin(x).log_softmax(-1), target, reduction="none")
+
+        net = Loss().eval()
+        post = tb.from_module(net)
+        x = torch.ones(5, 4)
+        key = tb.random.key(0)
+        out = tb.predict(net, post, key, x, num_samples=3, strategy="vmap")
+        loop = tb.predict(net, post, key, x, num_samples=3, strategy="loop")
+        torch.testing.assert_close(out, loop)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_tied_weights_take_the_general_path_and_stay_tied():
