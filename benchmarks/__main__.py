@@ -155,8 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     return report
 
 
-def _section(report, title, runs, costs, args, device, *, baseline) -> str:
-    results = interleaved(runs, repeats=args.repeats, warmup=args.warmup, device=device)
+def _section(report, title, runs, costs, args, device, *, baseline, before=None) -> str:
+    results = interleaved(
+        runs, repeats=args.repeats, warmup=args.warmup, device=device, before=before
+    )
     base = results[baseline].median if baseline in results else float("nan")
     rows = []
     for name, result in results.items():
@@ -221,16 +223,27 @@ def _overhead(report, args, device) -> str:
             runs = overhead.contenders(device)
             # the per-call costs are ~1 ms: many more rounds than the workloads get
             quick = argparse.Namespace(repeats=args.repeats * 40, warmup=max(args.warmup, 1) * 20)
-            return _section(
-                report,
+            title = (
                 f"Per-call overhead: MLP 16-32-32-4, B={overhead.BATCH}, S={overhead.SAMPLES}, "
-                f"1 thread, no grad, {device.type}",
-                runs,
-                {},
-                quick,
-                device,
-                baseline="floor + rng",
+                f"1 thread, no grad, {device.type}"
             )
+            sections = [_section(report, title, runs, {}, quick, device, baseline="floor + rng")]
+            other = overhead.other_library(device)
+            if other is not None:
+                sections.append(
+                    _section(
+                        report,
+                        f"{title}, each call right after another model's torchbayesian "
+                        "forward (untimed)",
+                        runs,
+                        {},
+                        quick,
+                        device,
+                        baseline="floor + rng",
+                        before=other,
+                    )
+                )
+            return "\n\n".join(sections)
     finally:
         torch.set_num_threads(threads)
 

@@ -6,6 +6,9 @@ The contenders:
 - floor + rng: the same, with ``randn`` + ``addcmul`` per leaf drawn in the call;
 - tb.predict (vmap and auto) and tb.sample (with its own reference, randn + addcmul alone);
 - torchbayesian: its ``BayesianModule`` under ``vmap(randomness="different")``.
+
+A second table times the same calls, each right after another library's forward
+(``other_library``): what a call costs when a server's other model has just run.
 """
 
 from __future__ import annotations
@@ -70,6 +73,27 @@ def contenders(device: torch.device) -> dict[str, Callable[[], object]]:
         lambda _: bayesian(x), randomness="different"
     )(torch.arange(SAMPLES, device=device))
     return runs
+
+
+def other_library(device: torch.device) -> Callable[[], object] | None:
+    """Another library's forward to run, untimed, before each timed call: torchbayesian's
+    vmapped ``BayesianModule`` on a model of its own (10-64-64-3), so that every contender,
+    torchbayesian's included, starts with caches another model warmed. None without
+    torchbayesian."""
+    try:
+        from torchbayesian import bnn
+    except ImportError:
+        return None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+        net.append(nn.Linear(64, 3))
+        bayesian = bnn.BayesianModule(net, variational_posterior="pretrained_normal")
+    bayesian = bayesian.to(device).eval()
+    x = tb.random.normal(tb.random.key(2), (BATCH, 10), device=device)
+    return lambda: torch.func.vmap(lambda _: bayesian(x), randomness="different")(
+        torch.arange(SAMPLES, device=device)
+    )
 
 
 def _raiser(error: Exception) -> Callable[[], object]:

@@ -54,8 +54,10 @@ class _Layout(NamedTuple):
     hashes: list[int] | None  # None for a lone node at the root (drawn with the key itself)
 
 
-_LAYOUTS: dict[Any, _Layout] = {}
+_LAYOUTS: dict[Any, _Layout] = {}  # by optree spec
+_FLAT_LAYOUTS: dict[tuple, tuple[tuple, _Layout]] = {}  # flat dicts, by their keys
 _MAX_LAYOUTS = 256
+_FLAT_LEAVES = (*GAUSSIAN_FAMILIES, Tensor)
 # id(tensor) -> (a weak reference to it, the version counter at which it was found finite): an
 # in-place update (an optimizer step, copy_) bumps the counter, so only tensors changed since
 # their last check are read again. An entry leaves with its tensor.
@@ -105,6 +107,31 @@ def _flatten(tree: Any) -> tuple[list[Any], Any, _Layout]:
             _LAYOUTS.clear()
         _LAYOUTS[spec] = layout
     return leaves, spec, layout
+
+
+def _flat(tree: Any) -> tuple[list[Any], _Layout, tuple] | None:
+    """A flat dict of Gaussian nodes and tensors (``from_module``'s trees, the common case):
+    its leaves, layout and keys in optree's order (sorted: callers index leaves by it), without
+    optree's walk and spec (a third of a small model's draw); None for any other tree, which
+    ``_flatten`` then handles."""
+    if type(tree) is not dict or torch.compiler.is_compiling():
+        return None
+    for leaf in tree.values():
+        if not isinstance(leaf, _FLAT_LEAVES):
+            return None
+    given = tuple(tree)
+    cached = _FLAT_LAYOUTS.get(given)
+    if cached is None:
+        try:
+            order = tuple(sorted(given))
+        except TypeError:  # keys of mixed types: optree's own rule
+            return None
+        cached = (order, _layout([(key,) for key in order]))
+        if len(_FLAT_LAYOUTS) >= _MAX_LAYOUTS:
+            _FLAT_LAYOUTS.clear()
+        _FLAT_LAYOUTS[given] = cached
+    order, layout = cached
+    return [tree[key] for key in order], layout, order
 
 
 def _layout(paths: list[Any]) -> _Layout:
@@ -205,7 +232,12 @@ def _sample(
     check: bool,
     validated: bool,
 ) -> tuple[Any, Tensor | None]:
-    leaves, spec, layout = _flatten(tree)
+    flat = _flat(tree)
+    spec, order = None, ()
+    if flat is not None:
+        leaves, layout, order = flat
+    else:
+        leaves, spec, layout = _flatten(tree)
     names, hashes = layout.names, layout.hashes
     count = keys.shape[0]
     drawn = list(leaves)
@@ -252,7 +284,10 @@ def _sample(
             draws = _noise.gaussian(keys, member_hashes, mus, values)
         for i, value in zip(members, draws, strict=True):
             drawn[i] = value
-    return optree.tree_unflatten(spec, drawn), kl
+    if spec is not None:
+        return spec.unflatten(drawn), kl
+    by_key = dict(zip(order, drawn, strict=True))
+    return {key: by_key[key] for key in tree}, kl  # the dict's own order, as optree rebuilds
 
 
 def _hashes(names: list[str]) -> list[int]:

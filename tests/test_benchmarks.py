@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from benchmarks import timing
 from benchmarks.__main__ import main
 
 
@@ -23,13 +24,17 @@ def test_quick_scoreboard(tmp_path):
             ]
         )
     saved = json.loads((tmp_path / "results.json").read_text())
-    # 14 tables, the training ones at 1 and 2 threads (4 more)
-    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 18
-    tiny = {r["name"]: r for r in saved["runs"][0]["results"]}
-    for name in ("floor", "floor + rng", "tb.predict", "tb.sample", "torchbayesian vmap"):
-        assert tiny[name]["error"] is None and tiny[name]["median_s"] > 0, name
+    # 15 tables, the training ones at 1 and 2 threads (4 more)
+    assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 19
+    assert saved["runs"][1]["title"].endswith(
+        "right after another model's torchbayesian forward (untimed)"
+    )
+    for tiny_run in saved["runs"][:2]:
+        tiny = {r["name"]: r for r in tiny_run["results"]}
+        for name in ("floor", "floor + rng", "tb.predict", "tb.sample", "torchbayesian vmap"):
+            assert tiny[name]["error"] is None and tiny[name]["median_s"] > 0, name
     assert torch.get_num_threads() == 2  # --threads' default: the 1-thread section restored it
-    first = {r["name"]: r for r in saved["runs"][1]["results"]}
+    first = {r["name"]: r for r in saved["runs"][2]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
     von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == "tbfunc VON step"]
@@ -53,6 +58,30 @@ def test_quick_scoreboard(tmp_path):
     assert (
         "tb.predict auto strategy: loop\n\ntb.predict auto choice: s: 0.0" in text.split("## W2")[1]
     )
+
+
+def test_the_untimed_call_before_each_timed_one_runs_and_is_left_out(monkeypatch):
+    """``interleaved(before=...)``: ``before`` runs ahead of every call, warm-up included, and
+    none of its time is counted (a clock that only the calls and ``before`` move)."""
+    clock, log = [0.0], []
+
+    def step(name, seconds):
+        def run():
+            log.append(name)
+            clock[0] += seconds
+
+        return run
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    results = timing.interleaved(
+        {"a": step("a", 1.0), "b": step("b", 2.0)},
+        repeats=3,
+        warmup=1,
+        device=torch.device("cpu"),
+        before=step("before", 100.0),
+    )
+    assert log == ["before", "a", "before", "b"] * 4
+    assert results["a"].times == [1.0] * 3 and results["b"].times == [2.0] * 3
 
 
 def test_streaming_memory_benchmark_runs(tmp_path):

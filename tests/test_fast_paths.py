@@ -6,6 +6,8 @@
 - Eager forwards enter the vmap level directly (``_vmap``), not through ``torch.func.vmap``:
   the same outputs and gradients, for every kind of output leaf, and the level is closed again
   when the forward raises.
+- A flat dict of nodes and tensors (``from_module``'s trees) is drawn without optree's walk:
+  the draws of the general route, in the dict's own key order.
 - Kernel switches for attention are skipped for modules made only of ``torch.nn`` layers
   without attention; any other module gets them.
 """
@@ -24,7 +26,7 @@ from torch.nn.utils import parametrize
 
 import tbfunc as tb
 from helpers import data, mlp, seeded
-from tbfunc import _forward, _structure, _vmap
+from tbfunc import _forward, _sampling, _structure, _vmap
 
 KEY = tb.random.key(4)
 
@@ -156,6 +158,56 @@ def test_the_direct_vmap_level_loads_vmaps_python_batching_rules_in_a_fresh_proc
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_flat_dicts_get_the_general_routes_draws_in_their_own_key_order(monkeypatch, num_samples):
+    post = tb.from_module(mlp((4, 5, 3)))
+    tree = {  # not sorted; a compiled module's prefix; a fixed tensor
+        "2.bias": post["2.bias"],
+        "_orig_mod.0.weight": post["0.weight"],
+        "fixed": torch.arange(2.0),
+        "0.bias": post["0.bias"],
+    }
+    short = tb.sample(tree, KEY, num_samples=num_samples)
+    monkeypatch.setattr(_sampling, "_flat", lambda tree: None)
+    general = tb.sample(tree, KEY, num_samples=num_samples)
+    assert list(short) == list(general) == list(tree)
+    torch.testing.assert_close(short, general, rtol=0, atol=0)
+    # the compiled module's name draws as the eager one's
+    assert torch.equal(
+        short["_orig_mod.0.weight"], tb.sample(post, KEY, num_samples=num_samples)["0.weight"]
+    )
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_nelbo_on_a_flat_dict_gets_the_general_routes_loss_and_gradients(monkeypatch, num_samples):
+    """nelbo hands the draw its softplus(rho) per leaf by optree's (sorted) leaf order; the
+    short route must index its leaves the same way (from_module's keys are not sorted)."""
+    post = {
+        name: node._replace(mu=node.mu.requires_grad_(), rho=node.rho.requires_grad_())
+        for name, node in tb.from_module(mlp((4, 5, 3))).items()
+    }
+    assert list(post) != sorted(post)
+    x, y = data(6, 4), torch.arange(6) % 3
+    leaves = [t for name in sorted(post) for t in post[name]]
+
+    def run():
+        loss = tb.nelbo(
+            mlp((4, 5, 3)),
+            post,
+            KEY,
+            x,
+            y,
+            loss_fn=F.cross_entropy,
+            num_data=60,
+            num_samples=num_samples,
+        )
+        return loss, torch.autograd.grad(loss, leaves)
+
+    short = run()
+    monkeypatch.setattr(_sampling, "_flat", lambda tree: None)
+    torch.testing.assert_close(short, run(), rtol=0, atol=0)
 
 
 def test_tied_weights_take_the_general_path_and_stay_tied():
