@@ -74,6 +74,8 @@ def check_tree(tree: Any, arg: str = "posterior") -> None:
             tree,
             error=TypeError,
         )
+    if type(tree) is dict and all(isinstance(leaf, _FLAT_LEAVES) for leaf in tree.values()):
+        return  # from_module's trees: every leaf valid, without optree's walk of the paths
     paths, leaves, _ = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
     for path, leaf in zip(paths, leaves, strict=True):
         if not (is_posterior(leaf) or isinstance(leaf, Tensor)):

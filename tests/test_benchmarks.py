@@ -6,6 +6,7 @@ import json
 
 import torch
 
+import tbfunc as tb
 from benchmarks import timing
 from benchmarks.__main__ import main
 
@@ -82,6 +83,31 @@ def test_the_untimed_call_before_each_timed_one_runs_and_is_left_out(monkeypatch
     )
     assert log == ["before", "a", "before", "b"] * 4
     assert results["a"].times == [1.0] * 3 and results["b"].times == [2.0] * 3
+
+
+def test_overhead_ab_switches_both_short_routes_off_and_back(monkeypatch):
+    from benchmarks import overhead_ab
+    from tbfunc import _sampling, _vmap
+
+    flat, primitives = _sampling._flat, _vmap._PRIMITIVES
+    post = {"a": tb.GaussianPosterior(torch.zeros(3), torch.zeros(3))}
+    with overhead_ab.routes(short=False):
+        assert _vmap._PRIMITIVES is None and _sampling._flat(post) is None
+    assert _sampling._flat is flat and _vmap._PRIMITIVES is primitives
+    with overhead_ab.routes(short=True):
+        assert _sampling._flat(post) is not None and _vmap._PRIMITIVES is primitives
+    monkeypatch.setattr(overhead_ab, "CALLS", 1)
+    between: list[int] = []
+    monkeypatch.setattr(
+        overhead_ab.overhead, "other_library", lambda device: lambda: between.append(1)
+    )
+    with torch.random.fork_rng():  # torchbayesian draws from the global RNG
+        text = overhead_ab.main(["--rounds", "1", "--after-other"])
+    # ahead of each call: 2 rounds (the first a warm-up) of 3 calls x 2 settings + 3 anchors
+    assert len(between) == 18
+    for name in ("tb.predict vmap", "tb.predict", "tb.sample"):
+        assert f"| {name}, short routes on |" in text and f"| {name}, short routes off |" in text
+    assert "| torchbayesian vmap |" in text and "after another model's forward" in text
 
 
 def test_streaming_memory_benchmark_runs(tmp_path):

@@ -1,0 +1,121 @@
+"""The overhead section's calls with tbfunc's short routes on and off, in one process.
+
+    python -m benchmarks.overhead_ab [--rounds 60] [--after-other]
+
+Two per-call shortcuts sit on every eager ``predict`` and ``sample``: the direct vmap level
+(``tbfunc._vmap``; off: ``torch.func.vmap``) and the flat-dict draw (``_sampling._flat``; off:
+optree's walk). Switched off, each call takes the route it took before the shortcut existed.
+A change of a few tens of microseconds is below the drift between runs on a shared machine, so
+both settings run here in the same rounds, one after the other, with "floor + rng" and
+torchbayesian as anchors; medians in microseconds and as multiples of "floor + rng".
+``--after-other`` runs another model's torchbayesian forward, untimed, before every call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+import tbfunc as tb
+from benchmarks import overhead
+from tbfunc import _sampling, _vmap
+
+CALLS = 10  # per contender and round
+
+
+@contextlib.contextmanager
+def routes(short: bool) -> Iterator[None]:
+    """The short routes as they are (True) or both switched off (False)."""
+    saved = _sampling._flat, _vmap._PRIMITIVES
+    if not short:
+        _sampling._flat, _vmap._PRIMITIVES = (lambda tree: None), None
+    try:
+        yield
+    finally:
+        _sampling._flat, _vmap._PRIMITIVES = saved
+
+
+def compare(rounds: int, after_other: bool) -> dict[str, list[float]]:
+    """Per contender, its mean time per call in each round (seconds)."""
+    device = torch.device("cpu")
+    runs = overhead.contenders(device)
+    net, x = overhead.model(device)
+    posterior = tb.from_module(net)
+    other = overhead.other_library(device) if after_other else None
+    if after_other and other is None:
+        raise SystemExit("--after-other needs torchbayesian installed")
+    calls: dict[str, Callable[[], object]] = {
+        "tb.predict vmap": lambda: tb.predict(
+            net, posterior, overhead.KEY, x, num_samples=overhead.SAMPLES, strategy="vmap"
+        ),
+        "tb.predict": runs["tb.predict"],
+        "tb.sample": runs["tb.sample"],
+    }
+    anchors = {name: runs[name] for name in ("floor + rng", "randn + addcmul")}
+    anchors["torchbayesian vmap"] = runs["torchbayesian vmap"]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, run: Callable[[], object]) -> None:
+        total = 0.0
+        for _ in range(CALLS):
+            if other is not None:
+                other()
+            start = time.perf_counter()
+            run()
+            total += time.perf_counter() - start
+        times.setdefault(name, []).append(total / CALLS)
+
+    for round_ in range(rounds + 1):  # round 0 warms up and is dropped
+        for short in (False, True):
+            with routes(short):
+                for name, run in calls.items():
+                    timed(f"{name}, short routes {'on' if short else 'off'}", run)
+        for name, run in anchors.items():
+            timed(name, run)
+        if round_ == 0:
+            times.clear()
+    return times
+
+
+def report(times: dict[str, list[float]], after_other: bool) -> str:
+    base = statistics.median(times["floor + rng"])
+    lines = [
+        "# Per-call overhead, short routes on and off in the same rounds"
+        + (", each call after another model's forward" if after_other else ""),
+        "",
+        f"MLP {'-'.join(map(str, overhead.SIZES))}, B={overhead.BATCH}, S={overhead.SAMPLES}, "
+        f"1 thread, no grad, torch {torch.__version__}; {len(times['floor + rng'])} rounds of "
+        f"{CALLS} calls each.",
+        "",
+        "| contender | median us | x floor + rng |",
+        "|---|---|---|",
+    ]
+    for name, values in sorted(times.items()):
+        median = statistics.median(values)
+        lines.append(f"| {name} | {median * 1e6:.0f} | {median / base:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=60)
+    parser.add_argument("--after-other", action="store_true")
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            text = report(compare(args.rounds, args.after_other), args.after_other)
+    finally:
+        torch.set_num_threads(threads)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
