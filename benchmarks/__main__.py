@@ -233,8 +233,8 @@ def _overhead(report, args, device) -> str:
                 sections.append(
                     _section(
                         report,
-                        f"{title}, each call right after another model's torchbayesian "
-                        "forward (untimed)",
+                        f"{title}, each call right after another library's forward on "
+                        "another model (untimed)",
                         runs,
                         {},
                         quick,

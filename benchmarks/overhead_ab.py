@@ -4,11 +4,13 @@
 
 Two per-call shortcuts sit on every eager ``predict`` and ``sample``: the direct vmap level
 (``tbfunc._vmap``; off: ``torch.func.vmap``) and the flat-dict draw (``_sampling._flat``; off:
-optree's walk). Switched off, each call takes the route it took before the shortcut existed.
+optree's walk). Switched off, each call takes the route it took before the shortcuts existed
+(``tb.sample``'s smaller shortcut in ``check_tree`` stays on in both settings).
 A change of a few tens of microseconds is below the drift between runs on a shared machine, so
 both settings run here in the same rounds, one after the other, with "floor + rng" and
 torchbayesian as anchors; medians in microseconds and as multiples of "floor + rng".
-``--after-other`` runs another model's torchbayesian forward, untimed, before every call.
+``--after-other`` runs another library's forward on another model, untimed, before every call
+(``overhead.other_library``).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def compare(rounds: int, after_other: bool) -> dict[str, list[float]]:
         total = 0.0
         for _ in range(CALLS):
             if other is not None:
-                other()
+                other(name)
             start = time.perf_counter()
             run()
             total += time.perf_counter() - start
@@ -86,7 +88,7 @@ def report(times: dict[str, list[float]], after_other: bool) -> str:
     base = statistics.median(times["floor + rng"])
     lines = [
         "# Per-call overhead, short routes on and off in the same rounds"
-        + (", each call after another model's forward" if after_other else ""),
+        + (", each call after another library's forward on another model" if after_other else ""),
         "",
         f"MLP {'-'.join(map(str, overhead.SIZES))}, B={overhead.BATCH}, S={overhead.SAMPLES}, "
         f"1 thread, no grad, torch {torch.__version__}; {len(times['floor + rng'])} rounds of "

@@ -44,14 +44,15 @@ def interleaved(
     repeats: int,
     warmup: int,
     device: torch.device,
-    before: Callable[[], object] | None = None,
+    before: Callable[[str], object] | None = None,
 ) -> dict[str, Result]:
     """Time every contender ``repeats`` times, one round of all of them at a time.
 
     Interleaving spreads the machine's drift (other tenants, clock changes) over every
-    contender alike; a contender that raises is reported with its error, not timed. ``before``
-    runs, untimed, ahead of every timed call: what a call costs when other code has just run
-    (a server's other model, another library) and its caches are cold.
+    contender alike; a contender that raises is reported with its error, not timed.
+    ``before(name)`` runs, untimed, ahead of every timed call of contender ``name``: what a call
+    costs when other code has just run (a server's other model, another library) and its
+    caches are cold.
     """
     results = {name: Result(name) for name in contenders}
     live = dict(contenders)
@@ -59,7 +60,7 @@ def interleaved(
         for name, run in list(live.items()):
             try:
                 if before is not None:
-                    before()
+                    before(name)
                 synchronize(device)
                 start = time.perf_counter()
                 run()

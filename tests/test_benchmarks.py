@@ -28,7 +28,7 @@ def test_quick_scoreboard(tmp_path):
     # 15 tables, the training ones at 1 and 2 threads (4 more)
     assert saved["runs"] and len(saved["runs"]) == len(report["runs"]) == 19
     assert saved["runs"][1]["title"].endswith(
-        "right after another model's torchbayesian forward (untimed)"
+        "right after another library's forward on another model (untimed)"
     )
     for tiny_run in saved["runs"][:2]:
         tiny = {r["name"]: r for r in tiny_run["results"]}
@@ -79,9 +79,9 @@ def test_the_untimed_call_before_each_timed_one_runs_and_is_left_out(monkeypatch
         repeats=3,
         warmup=1,
         device=torch.device("cpu"),
-        before=step("before", 100.0),
+        before=lambda name: step(f"before {name}", 100.0)(),
     )
-    assert log == ["before", "a", "before", "b"] * 4
+    assert log == ["before a", "a", "before b", "b"] * 4
     assert results["a"].times == [1.0] * 3 and results["b"].times == [2.0] * 3
 
 
@@ -97,17 +97,15 @@ def test_overhead_ab_switches_both_short_routes_off_and_back(monkeypatch):
     with overhead_ab.routes(short=True):
         assert _sampling._flat(post) is not None and _vmap._PRIMITIVES is primitives
     monkeypatch.setattr(overhead_ab, "CALLS", 1)
-    between: list[int] = []
-    monkeypatch.setattr(
-        overhead_ab.overhead, "other_library", lambda device: lambda: between.append(1)
-    )
+    between: list[str] = []
+    monkeypatch.setattr(overhead_ab.overhead, "other_library", lambda device: between.append)
     with torch.random.fork_rng():  # torchbayesian draws from the global RNG
         text = overhead_ab.main(["--rounds", "1", "--after-other"])
     # ahead of each call: 2 rounds (the first a warm-up) of 3 calls x 2 settings + 3 anchors
-    assert len(between) == 18
+    assert len(between) == 18 and between[-1] == "torchbayesian vmap"
     for name in ("tb.predict vmap", "tb.predict", "tb.sample"):
         assert f"| {name}, short routes on |" in text and f"| {name}, short routes off |" in text
-    assert "| torchbayesian vmap |" in text and "after another model's forward" in text
+    assert "| torchbayesian vmap |" in text and "after another library's forward" in text
 
 
 def test_streaming_memory_benchmark_runs(tmp_path):
