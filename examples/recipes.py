@@ -59,7 +59,7 @@ class Recipe(NamedTuple):
     von_steps: int = 2000
     von_lr: float = 0.1
     von_hess_init: float = 0.3
-    von_weight_decay: float = 1e-4
+    von_weight_decay: float = 1e-3  # the prior precision; 1e-4 before (README, "The way")
     von_beta2: float = 0.99999
     von_prior_scale: str = "fixed"  # or "layer"/"node": the prior precision learned
     von_clip: float = 1.0  # bounds the first steps, while h is still a guess (0: none)

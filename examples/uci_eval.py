@@ -60,6 +60,7 @@ UCI = recipes.Recipe(
     von_lr=0.25,
     von_hess_init=10.0,
     von_beta2=0.999,
+    von_weight_decay=1e-4,  # validation preferred it to 1e-3 and 1e-2 here (README)
     dropout=0.05,
     temperature="fit",
 )
