@@ -15,7 +15,16 @@ from pathlib import Path
 import torch
 
 import tbfunc as tb
-from benchmarks import distributed, io, overhead, predict, sampling, training, uncertainty
+from benchmarks import (
+    distributed,
+    io,
+    overhead,
+    predict,
+    sampling,
+    timing,
+    training,
+    uncertainty,
+)
 from benchmarks.timing import interleaved, ms, table
 from benchmarks.workloads import WORKLOADS, instantiate
 
@@ -216,36 +225,31 @@ def _training(report, model, x, y, steps, threads, title, args, device) -> str:
 
 def _overhead(report, args, device) -> str:
     """The tiny workload of benchmarks.overhead, on one thread, without autograd."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            runs = overhead.contenders(device)
-            # the per-call costs are ~1 ms: many more rounds than the workloads get
-            quick = argparse.Namespace(repeats=args.repeats * 40, warmup=max(args.warmup, 1) * 20)
-            title = (
-                f"Per-call overhead: MLP 16-32-32-4, B={overhead.BATCH}, S={overhead.SAMPLES}, "
-                f"1 thread, no grad, {device.type}"
-            )
-            sections = [_section(report, title, runs, {}, quick, device, baseline="floor + rng")]
-            other = overhead.other_library(device)
-            if other is not None:
-                sections.append(
-                    _section(
-                        report,
-                        f"{title}, each call right after another library's forward on "
-                        "another model (untimed)",
-                        runs,
-                        {},
-                        quick,
-                        device,
-                        baseline="floor + rng",
-                        before=other,
-                    )
+    with timing.threads(1), torch.no_grad():
+        runs = overhead.contenders(device)
+        # the per-call costs are ~1 ms: many more rounds than the workloads get
+        quick = argparse.Namespace(repeats=args.repeats * 40, warmup=max(args.warmup, 1) * 20)
+        title = (
+            f"Per-call overhead: MLP 16-32-32-4, B={overhead.BATCH}, S={overhead.SAMPLES}, "
+            f"1 thread, no grad, {device.type}"
+        )
+        sections = [_section(report, title, runs, {}, quick, device, baseline="floor + rng")]
+        other = overhead.other_library(device)
+        if other is not None:
+            sections.append(
+                _section(
+                    report,
+                    f"{title}, each call right after another library's forward on another "
+                    "model (untimed)",
+                    runs,
+                    {},
+                    quick,
+                    device,
+                    baseline="floor + rng",
+                    before=other,
                 )
-            return "\n\n".join(sections)
-    finally:
-        torch.set_num_threads(threads)
+            )
+        return "\n\n".join(sections)
 
 
 def _spread(times: list[float]) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 import tbfunc as tb
-from benchmarks import overhead
+from benchmarks import overhead, timing
 from tbfunc import _sampling, _vmap
 
 CALLS = 10  # per contender and round
@@ -108,13 +108,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--after-other", action="store_true")
     args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            text = report(compare(args.rounds, args.after_other), args.after_other)
-    finally:
-        torch.set_num_threads(threads)
+    with timing.threads(1), torch.no_grad():
+        text = report(compare(args.rounds, args.after_other), args.after_other)
     print(text)
     return text
 

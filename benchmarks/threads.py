@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 import tbfunc as tb
+from benchmarks import timing
 
 
 def _mlp(width: int) -> nn.Module:
@@ -59,9 +60,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", help="write the table to this markdown file")
     args = parser.parse_args(argv)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with timing.threads(1):
         net = _mlp(args.width)
         post = tb.from_module(net, sigma_scale=0.1)
         twin = copy.deepcopy(net)
@@ -79,8 +78,6 @@ def main(argv: list[str] | None = None) -> str:
         for _ in range(args.rounds):
             for name, jobs in routes.items():
                 times[name].append(_timed(jobs, x, args.samples))
-    finally:
-        torch.set_num_threads(threads_before)
     base = statistics.median(times["1 thread"])
     rows = []
     for name, t in times.items():

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,17 @@ class Result:
             "error": self.error,
             **self.extra,
         }
+
+
+@contextlib.contextmanager
+def threads(count: int) -> Iterator[None]:
+    """``torch.set_num_threads(count)`` inside, the previous count restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def synchronize(device: torch.device) -> None:
