@@ -23,14 +23,20 @@ __all__ = ["leading"]
 
 
 def _primitives() -> tuple[Any, ...] | None:
+    """The functorch calls ``leading`` makes, or None where this torch lacks any of them."""
+    import torch._functorch.vmap as public  # torch.func.vmap's module
+
     functorch = torch._C._functorch
     names = ("_vmap_increment_nesting", "_vmap_decrement_nesting", "_add_batch_dim")
     found = tuple(getattr(functorch, name, None) for name in (*names, "_remove_batch_dim"))
-    return None if any(f is None for f in found) else found
+    loader = getattr(public, "lazy_load_decompositions", None)
+    return None if loader is None or None in found else (*found, loader)
 
 
 _PRIMITIVES = _primitives()
 _DECOMPOSITIONS_LOADED = [False]  # torch.func.vmap's batching rules written in Python
+# missing from some torch versions; is_compiling still sees code that dynamo traces
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def leading(
@@ -41,12 +47,12 @@ def leading(
 ) -> tuple[Tensor, ...]:
     """``torch.func.vmap(func)(weights, *extra)``: every tensor batched on its leading axis (of
     length ``size``), every output stacked on a new one."""
-    if _PRIMITIVES is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if _PRIMITIVES is None or torch.compiler.is_compiling() or _exporting():
         return torch.func.vmap(func)(weights, *extra)
+    increment, decrement, add, remove, load_decompositions = _PRIMITIVES
     if not _DECOMPOSITIONS_LOADED[0]:
-        torch._functorch.vmap.lazy_load_decompositions()
+        load_decompositions()
         _DECOMPOSITIONS_LOADED[0] = True
-    increment, decrement, add, remove = _PRIMITIVES
     level = increment(size, "error")
     try:
         batched = {name: add(tensor, 0, level) for name, tensor in weights.items()}

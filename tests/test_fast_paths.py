@@ -127,6 +127,26 @@ def test_the_direct_vmap_level_gives_torch_func_vmaps_outputs_and_gradients(monk
     assert not torch.equal(direct[0][0][0], direct[0][0][1]), "samples differ"
 
 
+def test_torch_export_gets_torch_func_vmap_itself(monkeypatch):
+    """torch.export traces torch.func.vmap, not the primitives beneath it: while exporting,
+    the forward must go through torch.func.vmap (and only then)."""
+    calls = []
+    public = torch.func.vmap
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return public(*args, **kwargs)
+
+    monkeypatch.setattr(torch.func, "vmap", spy)
+    net = mlp((4, 4, 2))
+    post = tb.from_module(net)
+    eager = tb.predict(net, post, KEY, data(3, 4), num_samples=2, strategy="vmap")
+    assert not calls
+    monkeypatch.setattr(_vmap, "_exporting", lambda: True)
+    exported = tb.predict(net, post, KEY, data(3, 4), num_samples=2, strategy="vmap")
+    assert calls and torch.equal(exported, eager)
+
+
 def test_the_direct_vmap_level_loads_vmaps_python_batching_rules_in_a_fresh_process():
     """torch.func.vmap loads a few batching rules (nll_loss, addr, ...) on its first call; a
     process whose first vmap is tbfunc's must get them too, or those ops fall back to a slow
