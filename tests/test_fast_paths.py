@@ -127,6 +127,34 @@ def test_the_direct_vmap_level_gives_torch_func_vmaps_outputs_and_gradients(monk
     assert not torch.equal(direct[0][0][0], direct[0][0][1]), "samples differ"
 
 
+def test_the_direct_vmap_level_nests_inside_torch_func_transforms():
+    """Inside torch.func.grad and an outer torch.func.vmap the level is entered one deeper, as
+    torch.func.vmap enters it: the same gradient as autograd, the same draws as a loop."""
+    net = mlp((4, 4, 2))
+    post = tb.from_module(net, sigma_scale=0.1)
+    x = data(3, 4)
+
+    def loss(p):
+        return tb.predict(net, p, KEY, x, num_samples=3, strategy="vmap").square().mean()
+
+    functional = torch.func.grad(loss)(post)
+    live = {
+        n: p._replace(mu=p.mu.requires_grad_(), rho=p.rho.requires_grad_()) for n, p in post.items()
+    }
+    loss(live).backward()
+    for name, node in live.items():
+        torch.testing.assert_close(functional[name].mu, node.mu.grad)
+        torch.testing.assert_close(functional[name].rho, node.rho.grad)
+    keys = tb.random.split(KEY, 2)
+    batched = torch.func.vmap(
+        lambda k: tb.predict(net, post, k, x, num_samples=3, strategy="vmap"), randomness="error"
+    )(keys)
+    looped = torch.stack(
+        [tb.predict(net, post, k, x, num_samples=3, strategy="vmap") for k in keys]
+    )
+    torch.testing.assert_close(batched, looped)
+
+
 def test_torch_export_gets_torch_func_vmap_itself(monkeypatch):
     """torch.export traces torch.func.vmap, not the primitives beneath it: while exporting,
     the forward must go through torch.func.vmap (and only then)."""
