@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-import tbfunc as tb
 from benchmarks import overhead, timing
 from tbfunc import _sampling, _vmap
 
@@ -46,20 +45,13 @@ def compare(rounds: int, after_other: bool) -> dict[str, list[float]]:
     """Per contender, its mean time per call in each round (seconds)."""
     device = torch.device("cpu")
     runs = overhead.contenders(device)
-    net, x = overhead.model(device)
-    posterior = tb.from_module(net)
     other = overhead.other_library(device) if after_other else None
     if after_other and other is None:
         raise SystemExit("--after-other needs torchbayesian installed")
-    calls: dict[str, Callable[[], object]] = {
-        "tb.predict vmap": lambda: tb.predict(
-            net, posterior, overhead.KEY, x, num_samples=overhead.SAMPLES, strategy="vmap"
-        ),
-        "tb.predict": runs["tb.predict"],
-        "tb.sample": runs["tb.sample"],
+    calls = {name: runs[name] for name in ("tb.predict vmap", "tb.predict", "tb.sample")}
+    anchors = {
+        name: runs[name] for name in ("floor + rng", "randn + addcmul", "torchbayesian vmap")
     }
-    anchors = {name: runs[name] for name in ("floor + rng", "randn + addcmul")}
-    anchors["torchbayesian vmap"] = runs["torchbayesian vmap"]
     times: dict[str, list[float]] = {}
 
     def timed(name: str, run: Callable[[], object]) -> None:

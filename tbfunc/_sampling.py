@@ -74,7 +74,7 @@ def check_tree(tree: Any, arg: str = "posterior") -> None:
             tree,
             error=TypeError,
         )
-    if type(tree) is dict and all(isinstance(leaf, _FLAT_LEAVES) for leaf in tree.values()):
+    if _is_flat(tree):
         return  # from_module's trees: every leaf valid, without optree's walk of the paths
     paths, leaves, _ = optree.tree_flatten_with_path(tree, is_leaf=is_posterior)
     for path, leaf in zip(paths, leaves, strict=True):
@@ -116,11 +116,8 @@ def _flat(tree: Any) -> tuple[list[Any], _Layout, tuple] | None:
     its leaves, layout and keys in optree's order (sorted: callers index leaves by it), without
     optree's walk and spec (a third of a small model's draw); None for any other tree, which
     ``_flatten`` then handles."""
-    if type(tree) is not dict or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _is_flat(tree):
         return None
-    for leaf in tree.values():
-        if not isinstance(leaf, _FLAT_LEAVES):
-            return None
     given = tuple(tree)
     cached = _FLAT_LAYOUTS.get(given)
     if cached is None:
@@ -134,6 +131,11 @@ def _flat(tree: Any) -> tuple[list[Any], _Layout, tuple] | None:
         _FLAT_LAYOUTS[given] = cached
     order, layout = cached
     return [tree[key] for key in order], layout, order
+
+
+def _is_flat(tree: Any) -> bool:
+    """A plain dict whose every value is a Gaussian node or a tensor."""
+    return type(tree) is dict and all(isinstance(leaf, _FLAT_LEAVES) for leaf in tree.values())
 
 
 def _layout(paths: list[Any]) -> _Layout:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
 import textwrap
@@ -218,10 +219,14 @@ def test_flat_dicts_get_the_general_routes_draws_in_their_own_key_order(monkeypa
         "0.bias": post["0.bias"],
     }
     short = tb.sample(tree, KEY, num_samples=num_samples)
+    # a dict subclass is no flat dict: optree keeps an OrderedDict's type (and order)
+    ordered = tb.sample(collections.OrderedDict(tree), KEY, num_samples=num_samples)
     monkeypatch.setattr(_sampling, "_flat", lambda tree: None)
     general = tb.sample(tree, KEY, num_samples=num_samples)
     assert list(short) == list(general) == list(tree)
     torch.testing.assert_close(short, general, rtol=0, atol=0)
+    assert type(ordered) is collections.OrderedDict
+    torch.testing.assert_close(dict(ordered), general, rtol=0, atol=0)
     # the compiled module's name draws as the eager one's
     assert torch.equal(
         short["_orig_mod.0.weight"], tb.sample(post, KEY, num_samples=num_samples)["0.weight"]
