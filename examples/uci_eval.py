@@ -15,8 +15,9 @@ the splits. Rows: ``MAP``, ``MAP + temperature`` (the noise refitted on the vali
 by ``tb.metrics.fit_noise``: the regression analogue of temperature scaling), ``deep ensemble``
 (5), ``MC dropout`` (p = 0.05), ``recommended`` (the natural-gradient posterior, calibrated as
 ``Recipe.temperature`` says: for UCI, its noise refitted like MAP's), ``pretrained, learned
-prior``, ``natural gradient`` (the same posterior, uncalibrated) and ``IVON`` (when installed),
-trained as in ``classification_eval.py`` (``recipes.py``).
+prior``, ``natural gradient`` (the same posterior, uncalibrated), ``IVON`` and ``laplace
+last-layer`` (each when installed, the Laplace row with the MAP's noise), trained as in
+``classification_eval.py`` (``recipes.py``).
 """
 
 from __future__ import annotations
@@ -157,9 +158,13 @@ def run_split(
         out = recipes.predict(model, pred_key, xv, samples)
         return tb.metrics.fit_noise(out, yv, bounds=None if low is None else (low, 1e3 * low))
 
-    need_map = {"MAP", "MAP + temperature", "deep ensemble", "pretrained, learned prior"} & set(
-        rows
-    )
+    need_map = {
+        "MAP",
+        "MAP + temperature",
+        "deep ensemble",
+        "pretrained, learned prior",
+        "laplace last-layer",
+    } & set(rows)
     if need_map:
         net, lik = recipes.train_map(mlp(inputs, hidden, split), x, y, fresh_lik(), batches, recipe)
     if "MAP" in rows:
@@ -224,6 +229,10 @@ def run_split(
         )
         if trained is not None:
             record("IVON", trained[0], trained[1])
+    if "laplace last-layer" in rows:
+        approx = recipes.train_laplace(net, x, y, lik, recipe)
+        if approx is not None:
+            record("laplace last-layer", approx, lik)
     return {row: results[row] for row in ROWS if row in results}  # the table's order
 
 

@@ -12,6 +12,7 @@ import torch
 import tbfunc as tb
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL_PEERS = ("IVON", "laplace last-layer")  # rows of packages the tests may lack
 
 
 def load(name: str):
@@ -47,7 +48,7 @@ def test_digits_evaluation_runs_and_writes_its_table_and_diagram(tmp_path):
 def test_classification_benchmark_writes_its_table_and_json(tmp_path):
     pytest.importorskip("sklearn")
     bench = load("classification_eval")
-    rows = bench.ROWS[:-1]  # all but the optional peer (IVON)
+    rows = [r for r in bench.ROWS if r not in OPTIONAL_PEERS]
     args = [
         "--datasets",
         "digits,wine",
@@ -126,7 +127,7 @@ def _uci_folder(root, name="toy", rows=80, splits=2):
 def test_uci_benchmark_reads_the_standard_layout_and_reports_per_split(tmp_path):
     uci = load("uci_eval")
     _uci_folder(tmp_path)
-    rows = uci.ROWS[:-1]
+    rows = [r for r in uci.ROWS if r not in OPTIONAL_PEERS]
     with torch.random.fork_rng():
         results = uci.main(
             [
@@ -345,3 +346,95 @@ def test_uci_soften_refits_only_above_the_learned_noise(tmp_path, monkeypatch):
     assert fitted is None
     low, high = softened
     assert low > 0 and high == 1e3 * low
+
+
+def _laplace_fixture(regression: bool):
+    """A small MAP (trained by the recipes' own loop) and its data."""
+    recipes = load("recipes")
+    x = tb.random.normal(tb.random.key(40), (96, 4))
+    if regression:
+        y = (x @ torch.tensor([1.0, -1.0, 0.5, 0.0]))[:, None]
+        lik = tb.GaussianLikelihood.from_noise(0.5)
+        outputs = 1
+    else:
+        y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+        lik, outputs = recipes.classification_loglik, 3
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, outputs)
+        )
+    recipe = recipes.scaled(recipes.Recipe(), 0.05)
+    net, lik = recipes.train_map(net, x, y, lik, tb.random.key(41), recipe)
+    return recipes, net, x, y, lik, recipe
+
+
+def test_laplace_row_predicts_laplace_torchs_sampled_glm_predictive():
+    pytest.importorskip("laplace")
+    recipes, net, x, y, lik, recipe = _laplace_fixture(regression=False)
+    before = {n: p.clone() for n, p in net.state_dict().items()}
+    with torch.random.fork_rng():  # laplace-torch draws from the global RNG: seeded inside
+        approx = recipes.train_laplace(net, x, y, lik, recipe)
+        key = tb.random.key(42)
+        logits = recipes.predict(approx, key, x, 16)
+        again = recipes.predict(approx, key, x, 16)
+        other = recipes.predict(approx, tb.random.key(43), x, 16)
+        with recipes._seeded(key):
+            probs = approx.laplace.predictive_samples(x, pred_type="glm", n_samples=16)
+    # the logs of the draws' class probabilities: softmax gives them back (probabilities
+    # passed on as logits would not), so tb.metrics mixes the draws' predictives
+    assert logits.shape == (16, len(x), 3)
+    torch.testing.assert_close(logits.softmax(-1), probs)
+    assert torch.equal(logits, again) and not torch.equal(logits, other)
+    # the marginal likelihood moved the prior precision off laplace-torch's initial 1
+    assert float(approx.laplace.prior_precision) != 1.0
+    # the MAP it starts from is shared with the other rows: left frozen and unchanged
+    assert not any(p.requires_grad for p in net.parameters())
+    assert all(torch.equal(before[n], p) for n, p in net.state_dict().items())
+
+
+def test_laplace_regression_row_keeps_the_maps_noise_and_draws_functions():
+    pytest.importorskip("laplace")
+    recipes, net, x, y, lik, recipe = _laplace_fixture(regression=True)
+    with torch.random.fork_rng():
+        approx = recipes.train_laplace(net, x, y, lik, recipe)
+        draws = recipes.predict(approx, tb.random.key(44), x, 8)
+    assert float(approx.laplace.sigma_noise) == pytest.approx(float(lik.noise))
+    assert draws.shape == (8, len(x), 1)
+    # function draws around the MAP's output (not log-probabilities, not one repeated draw)
+    assert float((draws.mean(0) - net(x)).abs().max()) < 0.5
+    assert float(draws.std(0).min()) > 0
+
+
+def test_laplace_row_is_left_out_without_laplace_torch(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    monkeypatch.setitem(__import__("sys").modules, "laplace", None)  # import fails
+    recipes, net, x, y, lik, recipe = _laplace_fixture(regression=False)
+    assert recipes.train_laplace(net, x, y, lik, recipe) is None
+    bench = load("classification_eval")
+    args = ["--datasets", "wine", "--seeds", "1", "--steps-scale", "0.01", "--samples", "2"]
+    results = bench.main([*args, "--rows", "MAP;laplace last-layer", "--out", str(tmp_path)])
+    assert list(results["wine"]) == ["MAP"]
+
+
+def test_both_evaluations_report_the_laplace_row(tmp_path):
+    # the row alone: it must train the MAP it starts from itself
+    pytest.importorskip("sklearn")
+    pytest.importorskip("laplace")
+    bench = load("classification_eval")
+    args = ["--datasets", "digits", "--seeds", "1", "--steps-scale", "0.01", "--samples", "3"]
+    with torch.random.fork_rng():
+        results = bench.main([*args, "--rows", "laplace last-layer", "--out", str(tmp_path)])
+        plain = bench.main([*args, "--rows", "MAP", "--out", str(tmp_path)])
+    row = results["digits"]["laplace last-layer"]
+    assert row["nll"][0] > 0 and 0 <= row["auroc_rotated"][0] <= 1
+    assert row["nll"] != plain["digits"]["MAP"]["nll"]  # a predictive of its own
+    uci = load("uci_eval")
+    _uci_folder(tmp_path)
+    uci_args = ["--data", str(tmp_path), "--datasets", "toy", "--splits", "1"]
+    uci_args += ["--steps-scale", "0.02", "--samples", "3", "--out", str(tmp_path / "uci")]
+    with torch.random.fork_rng():
+        saved = uci.main([*uci_args, "--rows", "laplace last-layer"])
+        maps = uci.main([*uci_args, "--rows", "MAP"])
+    assert list(saved["toy"]) == ["laplace last-layer"]
+    assert saved["toy"]["laplace last-layer"]["test_ll"] != maps["toy"]["MAP"]["test_ll"]
