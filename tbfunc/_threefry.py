@@ -10,6 +10,7 @@ tiny tensor ops cost far more than the arithmetic.
 
 from __future__ import annotations
 
+import ctypes
 from typing import TypeVar
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 from tbfunc import _native
 from tbfunc._checks import is_wrapped
 
-__all__ = ["fold_in", "fold_in_hashes", "split", "threefry2x32"]
+__all__ = ["fold_in", "fold_in_hashes", "fold_in_int", "split", "threefry2x32"]
 
 Word = TypeVar("Word", int, Tensor)
 MASK = 0xFFFFFFFF
@@ -79,6 +80,21 @@ def fold_in(keys: Tensor, data: Tensor) -> Tensor:
             return torch.tensor(pairs, dtype=torch.int64).reshape(*data.shape, 2)
     x0, x1 = threefry2x32(k0, k1, (data >> 32) & MASK, data & MASK)
     return torch.stack((x0, x1), dim=-1)
+
+
+def fold_in_int(key: Tensor, data: int) -> Tensor:
+    """``fold_in`` of one key ``(2,)`` and one int64 Python int; no checks. A training loop
+    derives a key per step, so eager CPU calls go to the C kernel straight from the two words,
+    without the broadcast and stack of the tensor form (a tenth of its cost); anything else
+    takes ``fold_in``."""
+    if key.dim() == 1 and _eager_cpu(key, key):
+        library = _native.kernel()
+        if library is not None:
+            k0, k1 = key.tolist()
+            out = torch.empty(2, dtype=torch.int64)
+            library.tb_fold_in(1, (ctypes.c_int64 * 3)(k0, k1, data), out.data_ptr())
+            return out
+    return fold_in(key, torch.tensor(data, dtype=torch.int64))
 
 
 def fold_in_hashes(keys: Tensor, hashes: list[int]) -> Tensor:

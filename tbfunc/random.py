@@ -81,13 +81,11 @@ def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
             fail("data", "an integer tensor", data, error=TypeError)
         if data.shape != ():
             fail("data", "a tensor of shape ()", data)
-        word = data.to(torch.int64)
-    else:
-        value = _as_int(data, "data")
-        if not -(2**63) <= value < 2**64:
-            fail("data", "an int in [-2**63, 2**64)", data)
-        word = torch.tensor(value - 2**64 if value >= 2**63 else value, dtype=torch.int64)
-    return _threefry.fold_in(key, word)
+        return _threefry.fold_in(key, data.to(torch.int64))
+    value = _as_int(data, "data")
+    if not -(2**63) <= value < 2**64:
+        fail("data", "an int in [-2**63, 2**64)", data)
+    return _threefry.fold_in_int(key, value - 2**64 if value >= 2**63 else value)
 
 
 def normal(

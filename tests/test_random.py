@@ -111,6 +111,9 @@ def test_vmap_over_keys_equals_loop():
     data = torch.arange(5)
     fold_loop = torch.stack([tb.random.fold_in(k, d) for k, d in zip(keys, data, strict=True)])
     assert torch.equal(torch.func.vmap(tb.random.fold_in)(keys, data), fold_loop)
+    # a Python int under vmap: the scalar C route cannot read a batched key and steps aside
+    int_loop = torch.stack([tb.random.fold_in(k, 2**63 + 5) for k in keys])
+    assert torch.equal(torch.func.vmap(lambda k: tb.random.fold_in(k, 2**63 + 5))(keys), int_loop)
 
 
 def test_nested_vmap_over_keys():
@@ -197,6 +200,9 @@ def test_python_and_tensor_threefry_agree(key, data, num):
     word = torch.tensor(data - 2**64 if data >= 2**63 else data)
     x0, x1 = _threefry2x32(key[0], key[1], (word >> 32) & M, word & M)
     assert r.fold_in(key, word).tolist() == [int(x0), int(x1)]
+    # the scalar route a training loop takes (the C kernel from the two words) is the same
+    assert r.fold_in_int(key, int(word)).tolist() == [int(x0), int(x1)]
+    assert tb.random.fold_in(key, data).tolist() == [int(x0), int(x1)]
     counter = torch.arange(num)
     y0, y1 = _threefry2x32(key[0:1], key[1:2], torch.zeros_like(counter), counter)
     assert r.split(key, num).tolist() == torch.stack((y0, y1), -1).tolist()
