@@ -4,8 +4,10 @@
 
 Two per-call shortcuts sit on every eager ``predict`` and ``sample``: the direct vmap level
 (``tbfunc._vmap``; off: ``torch.func.vmap``) and the flat-dict draw (``_sampling._flat``; off:
-optree's walk). Switched off, each call takes the route it took before the shortcuts existed
-(``tb.sample``'s smaller shortcut in ``check_tree`` stays on in both settings).
+optree's walk). A third sits on the key a training loop derives every step: ``tb.random.fold_in``
+with a Python int (``_threefry.fold_in_int``; off: the tensor form). Switched off, each call
+takes the route it took before the shortcuts existed (``tb.sample``'s smaller shortcut in
+``check_tree`` stays on in both settings).
 A change of a few tens of microseconds is below the drift between runs on a shared machine, so
 both settings run here in the same rounds, one after the other, with "floor + rng" and
 torchbayesian as anchors; medians in microseconds and as multiples of "floor + rng".
@@ -23,22 +25,28 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+import tbfunc as tb
 from benchmarks import overhead, timing
-from tbfunc import _sampling, _vmap
+from tbfunc import _sampling, _threefry, _vmap
 
 CALLS = 10  # per contender and round
 
 
 @contextlib.contextmanager
 def routes(short: bool) -> Iterator[None]:
-    """The short routes as they are (True) or both switched off (False)."""
-    saved = _sampling._flat, _vmap._PRIMITIVES
+    """The short routes as they are (True) or all switched off (False)."""
+    saved = _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int
     if not short:
         _sampling._flat, _vmap._PRIMITIVES = (lambda tree: None), None
+        _threefry.fold_in_int = _tensor_fold_in
     try:
         yield
     finally:
-        _sampling._flat, _vmap._PRIMITIVES = saved
+        _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int = saved
+
+
+def _tensor_fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
+    return _threefry.fold_in(key, torch.tensor(data, dtype=torch.int64))
 
 
 def compare(rounds: int, after_other: bool) -> dict[str, list[float]]:
@@ -49,6 +57,8 @@ def compare(rounds: int, after_other: bool) -> dict[str, list[float]]:
     if after_other and other is None:
         raise SystemExit("--after-other needs torchbayesian installed")
     calls = {name: runs[name] for name in ("tb.predict vmap", "tb.predict", "tb.sample")}
+    key = tb.random.key(0)
+    calls["tb.random.fold_in"] = lambda: tb.random.fold_in(key, 12345)
     anchors = {
         name: runs[name] for name in ("floor + rng", "randn + addcmul", "torchbayesian vmap")
     }

@@ -87,13 +87,18 @@ def test_the_untimed_call_before_each_timed_one_runs_and_is_left_out(monkeypatch
 
 def test_overhead_ab_switches_both_short_routes_off_and_back(monkeypatch):
     from benchmarks import overhead_ab
-    from tbfunc import _sampling, _vmap
+    from tbfunc import _sampling, _threefry, _vmap
 
-    flat, primitives = _sampling._flat, _vmap._PRIMITIVES
+    flat, primitives, scalar = _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int
     post = {"a": tb.GaussianPosterior(torch.zeros(3), torch.zeros(3))}
+    key = tb.random.key(1)
     with overhead_ab.routes(short=False):
         assert _vmap._PRIMITIVES is None and _sampling._flat(post) is None
+        assert _threefry.fold_in_int is not scalar
+        slow = tb.random.fold_in(key, 2**63 + 3)  # the tensor form: the same key
+    assert torch.equal(slow, tb.random.fold_in(key, 2**63 + 3))
     assert _sampling._flat is flat and _vmap._PRIMITIVES is primitives
+    assert _threefry.fold_in_int is scalar
     with overhead_ab.routes(short=True):
         assert _sampling._flat(post) is not None and _vmap._PRIMITIVES is primitives
     monkeypatch.setattr(overhead_ab, "CALLS", 1)
@@ -101,9 +106,9 @@ def test_overhead_ab_switches_both_short_routes_off_and_back(monkeypatch):
     monkeypatch.setattr(overhead_ab.overhead, "other_library", lambda device: between.append)
     with torch.random.fork_rng():  # torchbayesian draws from the global RNG
         text = overhead_ab.main(["--rounds", "1", "--after-other"])
-    # ahead of each call: 2 rounds (the first a warm-up) of 3 calls x 2 settings + 3 anchors
-    assert len(between) == 18 and between[-1] == "torchbayesian vmap"
-    for name in ("tb.predict vmap", "tb.predict", "tb.sample"):
+    # ahead of each call: 2 rounds (the first a warm-up) of 4 calls x 2 settings + 3 anchors
+    assert len(between) == 22 and between[-1] == "torchbayesian vmap"
+    for name in ("tb.predict vmap", "tb.predict", "tb.sample", "tb.random.fold_in"):
         assert f"| {name}, short routes on |" in text and f"| {name}, short routes off |" in text
     assert "| torchbayesian vmap |" in text and "after another library's forward" in text
 
