@@ -302,7 +302,7 @@ def _batchable_kernels(weights: dict[str, Tensor]) -> Iterator[None]:
     for modules without attention (``facts``): there is nothing to switch.
     """
     leaves = list(weights.values())
-    unfused = all(w.device.type == "cpu" for w in leaves) or tracked(*leaves)
+    unfused = all(w.is_cpu for w in leaves) or tracked(*leaves)
     if torch.compiler.is_compiling():
         with sdpa_kernel([SDPBackend.MATH]) if unfused else contextlib.nullcontext():
             yield

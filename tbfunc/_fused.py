@@ -60,7 +60,7 @@ def eager(tensors: Sequence[Tensor]) -> bool:
         return False
     dtype = tensors[0].dtype
     for t in tensors:
-        if type(t) not in (Tensor, nn.Parameter) or t.device.type != "cpu" or t.dtype != dtype:
+        if type(t) not in (Tensor, nn.Parameter) or not t.is_cpu or t.dtype != dtype:
             return False
     return dtype in _TYPES and _native.kernel() is not None
 

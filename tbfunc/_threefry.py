@@ -107,7 +107,7 @@ def _eager_cpu(keys: Tensor, data: Tensor) -> bool:
     """Whether plain values can be read and written: eager CPU tensors, no transform active
     (inside one, even fresh tensors are wrapped)."""
     return (
-        keys.device.type == "cpu"
+        keys.is_cpu
         and not torch.compiler.is_compiling()
         and torch._C._functorch.peek_interpreter_stack() is None
         and not is_wrapped(keys)
