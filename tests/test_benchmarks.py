@@ -85,7 +85,7 @@ def test_the_untimed_call_before_each_timed_one_runs_and_is_left_out(monkeypatch
     assert results["a"].times == [1.0] * 3 and results["b"].times == [2.0] * 3
 
 
-def test_overhead_ab_switches_both_short_routes_off_and_back(monkeypatch):
+def test_overhead_ab_switches_every_short_route_off_and_back(monkeypatch):
     from benchmarks import overhead_ab
     from tbfunc import _sampling, _threefry, _vmap
 

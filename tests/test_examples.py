@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -408,7 +409,7 @@ def test_laplace_regression_row_keeps_the_maps_noise_and_draws_functions():
 
 def test_laplace_row_is_left_out_without_laplace_torch(tmp_path, monkeypatch):
     pytest.importorskip("sklearn")
-    monkeypatch.setitem(__import__("sys").modules, "laplace", None)  # import fails
+    monkeypatch.setitem(sys.modules, "laplace", None)  # import fails
     recipes, net, x, y, lik, recipe = _laplace_fixture(regression=False)
     assert recipes.train_laplace(net, x, y, lik, recipe) is None
     bench = load("classification_eval")
