@@ -34,6 +34,7 @@ from tbfunc import _native, _noise, _parallel
 __all__ = [
     "PriorTerms",
     "adam_step",
+    "all_finite",
     "draw",
     "eager",
     "gaussian_kl",
@@ -70,6 +71,36 @@ def trainable(tensors: Sequence[Tensor]) -> bool:
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         return False
     return eager(tensors)
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool | None:
+    """Whether every element of ``tensors`` is finite, by one C pass over all of them (split
+    over threads when large); None where the kernel does not serve: a tensor that is not a
+    plain contiguous CPU float32/float64 one, no kernel built, or under the compiler. The
+    tensor-op check it stands in for costs a reduction and a launch per tensor."""
+    if not tensors or torch.compiler.is_compiling():
+        return None
+    library = _native.kernel()
+    if library is None or not hasattr(library, "tb_finite"):
+        return None
+    kinds = []
+    for t in tensors:
+        if type(t) not in (Tensor, nn.Parameter) or not t.is_cpu or not t.is_contiguous():
+            return None
+        if t.dtype not in _TYPES:
+            return None
+        kinds.append(_kind(t.dtype))
+    numels = [t.numel() for t in tensors]
+    tables = [_table(kinds), _table(numels), _addresses(tensors)]
+    flags: list[Any] = []
+
+    def run(begin: int, end: int) -> None:
+        flag = (ctypes.c_int64 * 1)(0)  # one per part: no two threads write one word
+        library.tb_finite(len(tensors), *tables, begin, end, flag)
+        flags.append(flag[0])
+
+    _parallel.split(sum(numels), run)
+    return not any(flags)
 
 
 def _table(values: Sequence[int]) -> Any:

@@ -132,6 +132,9 @@ def _load(path: Path) -> ctypes.CDLL | None:
     library.tb_von.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
     for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam", "tb_von"):
         getattr(library, name).restype = None
+    if hasattr(library, "tb_finite"):  # optional: benchmarks.kernel_ab loads older builds
+        library.tb_finite.argtypes = [_I64, _P, _P, _P, _I64, _I64, _P]
+        library.tb_finite.restype = None
     return library
 
 

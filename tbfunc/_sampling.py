@@ -146,8 +146,10 @@ def _layout(paths: list[Any]) -> _Layout:
 
 
 def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
-    """Every posterior tensor is finite: one float32 (float64) sum per tensor and one
-    ``isfinite`` per device, then an exact search only when that fails (a sum can overflow).
+    """Every posterior tensor is finite: one C pass over them all where the kernel serves
+    (plain contiguous CPU float32/float64 tensors, ``_fused.all_finite``), else one float32
+    (float64) sum per tensor and one ``isfinite`` per device; then an exact search only when
+    that fails (a sum can overflow; the search names the tensor and its bad values).
 
     A tensor found finite is not read again until its version counter moves (every in-place
     update bumps it; writes through ``.data`` or a NumPy view do not, and are not seen).
@@ -169,6 +171,11 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
             if entry is None or entry[1] != value._version or entry[0]() is not value:
                 fields.append((names[i], field, value))
     if not fields or any(is_wrapped(t) or t.is_meta for _, _, t in fields):
+        return
+    values = [value for _, _, value in fields]
+    if _fused.all_finite(values):  # one C pass; None where it does not serve
+        for value in values:
+            _remember_finite(value)
         return
     sums: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():
@@ -306,6 +313,10 @@ def _remember_finite(tensor: Tensor) -> None:
     if tensor.is_inference():  # inference tensors keep no version counter
         return
     key = id(tensor)
+    entry = _FINITE.get(key)
+    if entry is not None and entry[0]() is tensor:  # seen before: keep its weakref
+        _FINITE[key] = (entry[0], tensor._version)
+        return
     _FINITE[key] = (weakref.ref(tensor, lambda _: _FINITE.pop(key, None)), tensor._version)
 
 

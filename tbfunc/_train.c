@@ -9,7 +9,9 @@
  *                 d/d rho = c (sigma / s^2) sigmoid(rho) - c d log(sigma) / d rho;
  *   tb_adam       torch.optim.Adam's update (no amsgrad), in its order of operations;
  *   tb_von        the variational-online-Newton update of tbfunc.optim (its docstring has the
- *                 equations).
+ *                 equations);
+ *   tb_finite     whether every element of a list of tensors is finite (the per-call check of a
+ *                 posterior that an optimizer step has just rewritten).
  *
  * Every kernel sees the virtual concatenation of its nodes' elements and handles [begin, end),
  * so callers split one call over threads. float32 uses the polynomials of _cephes.h; float64
@@ -423,5 +425,33 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
             von_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grad_mus[l],
                        (const double *)grad_rhos[l], (double *)gbars[l], (double *)hs[l],
                        centres ? (const double *)centres[l] : 0, deltas[l], hyper);
+    });
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Finiteness: out[0] = 1 if some element of [begin, end) is inf or nan, else left as it is.
+ * kinds[l]: 0 float32, 1 float64 (a list may mix them). An element is not finite when its
+ * exponent bits are all ones; the loops OR those tests together without branching, so they
+ * vectorise, and read each tensor once. */
+
+static int64_t any_nonfinite32(int64_t a, int64_t b, const uint32_t *restrict x) {
+    uint32_t bad = 0;
+    for (int64_t i = a; i < b; i++) bad |= (x[i] & 0x7F800000u) == 0x7F800000u;
+    return bad != 0;
+}
+
+static int64_t any_nonfinite64(int64_t a, int64_t b, const uint64_t *restrict x) {
+    uint64_t bad = 0;
+    for (int64_t i = a; i < b; i++)
+        bad |= (x[i] & 0x7FF0000000000000ull) == 0x7FF0000000000000ull;
+    return bad != 0;
+}
+
+void tb_finite(int64_t nodes, table kinds, table numels, table values, int64_t begin,
+               int64_t end, int64_t *out) {
+    FOR_NODES(nodes, numels, begin, end, {
+        int64_t bad = kinds[l] == 0 ? any_nonfinite32(a, b, (const uint32_t *)values[l])
+                                    : any_nonfinite64(a, b, (const uint64_t *)values[l]);
+        if (bad) out[0] = 1;
     });
 }

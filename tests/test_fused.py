@@ -521,3 +521,67 @@ def test_the_kl_rides_along_only_when_the_whole_tree_is_drawn_together():
     )
     _, kl = sample_with_kl({**post, "0.bias": wide}, keys, None, terms)
     assert kl is None
+
+
+# -- the finiteness check's C pass ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_the_finiteness_pass_finds_one_bad_value_anywhere(dtype, bad):
+    """Lengths off the vector width, the bad value at the first and last element of any tensor
+    of a mixed-dtype list; the largest finite values and the subnormals are finite."""
+    info = torch.finfo(dtype)
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    tensors = [
+        torch.full((37,), info.max, dtype=dtype),
+        torch.full((5,), -torch.finfo(other).max, dtype=other),
+        torch.full((1,), info.tiny / 4, dtype=dtype),
+        torch.zeros(0, dtype=dtype),
+        data(3, 11, seed=4, dtype=dtype),
+    ]
+    assert _fused.all_finite(tensors) is True
+    for t in tensors:
+        for position in (0, t.numel() - 1):
+            if t.numel() == 0:
+                continue
+            flat = t.view(-1)
+            kept = flat[position].item()
+            flat[position] = bad
+            assert _fused.all_finite(tensors) is False, (t.shape, t.dtype, position)
+            flat[position] = kept
+    assert _fused.all_finite(tensors) is True
+
+
+def test_the_finiteness_pass_sees_every_threads_part(monkeypatch):
+    """Split over threads, a bad value in any part is found (not only the calling thread's)."""
+    monkeypatch.setattr(_parallel, "PARALLEL_MIN_NUMEL", 1000)
+    tensors = [torch.zeros(3000), torch.zeros(2500, dtype=torch.float64)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for t, position in ((tensors[0], 10), (tensors[0], 2999), (tensors[1], 2400)):
+            t[position] = float("nan")
+            assert _fused.all_finite(tensors) is False
+            t[position] = 0.0
+        assert _fused.all_finite(tensors) is True
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_finiteness_pass_steps_aside_where_it_cannot_read():
+    """Not contiguous, another dtype, an empty list: None (the tensor-op check runs)."""
+    t = torch.zeros(4, 6)
+    assert _fused.all_finite([t.t()]) is None
+    assert _fused.all_finite([t.half()]) is None
+    assert _fused.all_finite([t, torch.zeros(3, dtype=torch.int64)]) is None
+    assert _fused.all_finite([]) is None
+
+
+def test_a_non_contiguous_posterior_is_still_checked():
+    """The tensor-op check behind the C pass: a transposed rho with a nan is refused."""
+    rho = torch.zeros(6, 4)
+    rho[5, 1] = float("nan")
+    node = tb.GaussianPosterior(torch.zeros(4, 6), rho.t())
+    with pytest.raises(ValueError, match=r"posterior\['w'\].rho must be finite, got 1"):
+        tb.sample({"w": node}, tb.random.key(0))
