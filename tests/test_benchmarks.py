@@ -167,3 +167,58 @@ def test_kernel_ab_builds_a_revision_and_serves_each_build_its_own_steps(tmp_pat
     assert set(table) == {"a", "b"}
     assert all(row["VON"] > 0 and row["deterministic ms"] > 0 for row in table.values())
     assert _native.kernel() is real  # restored
+
+
+def test_fit_benchmark_times_every_fit_against_the_adam_fit(monkeypatch):
+    """Each contender's fit runs the steps asked for (a fit that skipped its loop would time
+    as free), the ratios are to the Adam fit of the same rounds, and the threads come back."""
+    from benchmarks import fit
+
+    counted = {"Adam": 0, "VON": 0}
+
+    class CountingAdam(torch.optim.Adam):
+        def step(self, closure=None):
+            counted["Adam"] += 1
+            return super().step(closure)
+
+    class CountingVON(tb.optim.VON):
+        def step(self, closure=None):
+            counted["VON"] += 1
+            return super().step(closure)
+
+    monkeypatch.setattr(fit.torch.optim, "Adam", CountingAdam)
+    monkeypatch.setattr(fit.tb.optim, "VON", CountingVON)
+    before = torch.get_num_threads()
+    with torch.random.fork_rng():  # ivon-opt draws from the global RNG (it forks too)
+        table = fit.compare(steps=3, rounds=2, threads=1)
+    assert torch.get_num_threads() == before
+    # a warm-up fit of min(steps, 20) and two timed fits: 3 fits of 3 steps each
+    assert counted == {"Adam": 9, "VON": 9}
+    assert {"Adam (MAP)", "tb.optim.VON", "tb.nelbo + tb.optim.Adam"} <= set(table)
+    assert table["Adam (MAP)"][1] == 1.0
+    assert all(seconds > 0 and ratio > 0 for seconds, ratio in table.values())
+    text = fit.main(["--steps", "2", "--rounds", "1", "--threads", "1"])
+    assert "| 1 | tb.optim.VON |" in text and "x Adam fit" in text
+
+
+def test_fit_benchmark_runs_the_recommended_recipes_settings():
+    """The benchmark times the recipe the README recommends, not a setting of its own."""
+    import sys
+    from pathlib import Path
+
+    from benchmarks import fit
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        import recipes
+    finally:
+        sys.path.pop(0)
+    recipe = recipes.Recipe()
+    assert {
+        "lr": recipe.von_lr,
+        "hess_init": recipe.von_hess_init,
+        "weight_decay": recipe.von_weight_decay,
+        "beta2": recipe.von_beta2,
+        "clip": recipe.von_clip,
+    } == fit.VON_SETTINGS
+    assert recipe.batch_size == fit.BATCH

@@ -1,0 +1,206 @@
+"""A whole fit: natural-gradient VI against an Adam fit of the same number of steps.
+
+    python -m benchmarks.fit [--steps 500] [--rounds 7] [--threads 1,2]
+
+The inference issue's cost bar ("a VON fit costs <= 1.3x an Adam fit of the same number of
+steps") on the model and loop of ``examples/classification_eval.py``: digits (1,078 training
+rows, 60% of scikit-learn's 1,797), an MLP 64-128-128-10, minibatches of 128 from a keyed
+epoch-wise shuffle, and the benchmark's settings. Every fit starts from the same initial
+weights. The contenders:
+
+- Adam (MAP): the deterministic fit, ``torch.optim.Adam`` (lr 1e-3, weight decay 1e-4);
+- tb.optim.VON: one draw per step through ``tb.functional_call``, backward, ``step`` (the
+  recommended row's settings, with its cosine schedule);
+- tb.nelbo + tb.optim.Adam: Bayes-by-Backprop with one draw, the fused route;
+- IVON (ivon-opt), where installed: its documented loop with the VON row's settings.
+
+The rounds interleave the contenders (each fit once a round); the table gives medians and each
+fit's median as a multiple of the Adam fit's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import tbfunc as tb
+
+KEY = tb.random.key(0)
+BATCH = 128
+VON_SETTINGS = {"lr": 0.2, "hess_init": 0.3, "weight_decay": 1e-3, "beta2": 0.99999, "clip": 1.0}
+
+
+def data() -> tuple[Tensor, Tensor]:
+    """The training rows of digits (pixels / 16), a keyed 60% of the set."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+    rows = tb.random.normal(KEY, (len(x),)).argsort()[: int(0.6 * len(x))]
+    return x[rows], y[rows]
+
+
+def model() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+        )
+
+
+def batch_rows(step: int, count: int) -> Tensor:
+    """Minibatch ``step`` of an epoch-wise keyed shuffle, as the examples draw them."""
+    per_epoch = -(-count // BATCH)
+    epoch, index = divmod(step, per_epoch)
+    order = tb.random.normal(tb.random.fold_in(KEY, epoch), (count,)).argsort()
+    return order[index * BATCH : (index + 1) * BATCH]
+
+
+def adam_fit(x: Tensor, y: Tensor, steps: int) -> None:
+    net = model()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    for step in range(steps):
+        rows = batch_rows(step, len(x))
+        loss = F.cross_entropy(net(x[rows]), y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def von_fit(x: Tensor, y: Tensor, steps: int) -> None:
+    net = model().requires_grad_(False)
+    # the first draw at the sigma the curvature guess implies, as the recipe starts it
+    settings = VON_SETTINGS
+    posterior = tb.from_module(
+        net, sigma=(len(x) * (settings["hess_init"] + settings["weight_decay"])) ** -0.5
+    )
+    opt = tb.optim.VON(posterior, num_data=len(x), **VON_SETTINGS)  # type: ignore[arg-type]
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(steps):
+        rows = batch_rows(step, len(x))
+        out = tb.functional_call(net, posterior, tb.random.fold_in(KEY, step), x[rows])
+        loss = F.cross_entropy(out, y[rows])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+
+
+def bbb_fit(x: Tensor, y: Tensor, steps: int) -> None:
+    net = model().requires_grad_(False)
+    posterior = tb.from_module(net, sigma=1e-3)
+    opt = tb.optim.Adam(tb.parameters(posterior), lr=1e-3)
+    for step in range(steps):
+        rows = batch_rows(step, len(x))
+        loss = tb.nelbo(
+            net,
+            posterior,
+            tb.random.fold_in(KEY, step),
+            x[rows],
+            y[rows],
+            loss_fn=F.cross_entropy,
+            num_data=len(x),
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def ivon_fit(x: Tensor, y: Tensor, steps: int) -> None:
+    import ivon  # GPL-3.0: a peer only, never a dependency
+
+    net = model()
+    opt = ivon.IVON(
+        net.parameters(),
+        lr=VON_SETTINGS["lr"],
+        ess=len(x),
+        hess_init=VON_SETTINGS["hess_init"],
+        weight_decay=VON_SETTINGS["weight_decay"],
+        beta2=VON_SETTINGS["beta2"],
+        clip_radius=VON_SETTINGS["clip"],
+    )
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    with torch.random.fork_rng():  # ivon-opt draws from the global RNG
+        torch.manual_seed(0)
+        for step in range(steps):
+            rows = batch_rows(step, len(x))
+            with opt.sampled_params(train=True):
+                opt.zero_grad()
+                loss = F.cross_entropy(net(x[rows]), y[rows])
+                loss.backward()
+            opt.step()
+            schedule.step()
+
+
+def contenders() -> dict[str, Callable[[Tensor, Tensor, int], None]]:
+    runs = {
+        "Adam (MAP)": adam_fit,
+        "tb.optim.VON": von_fit,
+        "tb.nelbo + tb.optim.Adam": bbb_fit,
+    }
+    try:
+        import ivon  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        runs["IVON (ivon-opt)"] = ivon_fit
+    return runs
+
+
+def compare(steps: int, rounds: int, threads: int) -> dict[str, tuple[float, float]]:
+    """Per contender: the median fit in seconds, and the median of its ratio to the Adam fit
+    of the same round."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y = data()
+        runs = contenders()
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for warm in (True, *([False] * rounds)):
+            for name, fit in runs.items():
+                started = time.perf_counter()
+                fit(x, y, steps if not warm else min(steps, 20))
+                if not warm:
+                    times[name].append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+    base = times["Adam (MAP)"]
+    return {
+        name: (
+            statistics.median(values),
+            statistics.median(v / b for v, b in zip(values, base, strict=True)),
+        )
+        for name, values in times.items()
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", default="1,2")
+    args = parser.parse_args(argv)
+    lines = [
+        f"digits MLP 64-128-128-10, B={BATCH}, {args.steps} steps a fit, "
+        f"{args.rounds} interleaved rounds, medians",
+        "",
+        "| threads | fit | median s | x Adam fit |",
+        "|---|---|---|---|",
+    ]
+    for threads in map(int, args.threads.split(",")):
+        for name, (seconds, ratio) in compare(args.steps, args.rounds, threads).items():
+            lines.append(f"| {threads} | {name} | {seconds:.3f} | {ratio:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
