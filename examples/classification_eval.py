@@ -189,6 +189,7 @@ def run_one(
     if {"natural gradient", "recommended"} & set(rows):
         net = mlp(inputs, classes, seed).requires_grad_(False)
         posterior, _ = recipes.train_von(net, x, y, lik, batches, recipe)
+        posterior = recipes.widened(posterior, recipe.von_sigma_scale)
         if "natural gradient" in rows:
             record("natural gradient", (net, posterior))
         if "recommended" in rows:  # the same posterior, then a temperature fitted on val

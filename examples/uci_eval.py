@@ -213,6 +213,7 @@ def run_split(
     if {"natural gradient", "recommended"} & set(rows):
         vnet = mlp(inputs, hidden, split).requires_grad_(False)
         posterior, vlik = recipes.train_von(vnet, x, y, fresh_lik(), batches, recipe)
+        posterior = recipes.widened(posterior, recipe.von_sigma_scale)
         if "natural gradient" in rows:
             record("natural gradient", (vnet, posterior), vlik)
         if "recommended" in rows:  # the same posterior, calibrated as the recipe says

@@ -439,3 +439,38 @@ def test_both_evaluations_report_the_laplace_row(tmp_path):
         maps = uci.main([*uci_args, "--rows", "MAP"])
     assert list(saved["toy"]) == ["laplace last-layer"]
     assert saved["toy"]["laplace last-layer"]["test_ll"] != maps["toy"]["MAP"]["test_ll"]
+
+
+def test_widened_scales_every_sigma_and_keeps_the_means():
+    recipes = load("recipes")
+    with torch.random.fork_rng():  # the Linear's initial weights
+        post = tb.from_module(torch.nn.Linear(3, 2), sigma=0.05)
+    assert recipes.widened(post, 1.0) is post
+    wide = recipes.widened(post, 2.5)
+    for name, node in post.items():
+        assert torch.equal(wide[name].mu, node.mu)
+        torch.testing.assert_close(wide[name].sigma, 2.5 * node.sigma)
+
+
+@pytest.mark.parametrize("evaluation", ["classification_eval", "uci_eval"])
+def test_the_von_sigma_scale_reaches_both_evaluations_predictions(tmp_path, evaluation):
+    """``--set von_sigma_scale=F`` widens the posterior both VON rows predict with."""
+    pytest.importorskip("sklearn")
+    bench = load(evaluation)
+    if evaluation == "uci_eval":
+        _uci_folder(tmp_path)
+        common = ["--data", str(tmp_path), "--datasets", "toy", "--splits", "1"]
+        common += ["--steps-scale", "0.02"]
+        metric, data = "test_ll", "toy"
+    else:
+        common = ["--datasets", "wine", "--seeds", "1", "--steps-scale", "0.01"]
+        metric, data = "nll", "wine"
+    scores = []
+    for scale in ("1.0", "3.0"):
+        args = [*common, "--samples", "4", "--rows", "natural gradient;recommended"]
+        args += ["--set", f"von_sigma_scale={scale}", "--out", str(tmp_path / scale)]
+        with torch.random.fork_rng():
+            results = bench.main(args)
+        scores.append({row: results[data][row][metric] for row in results[data]})
+    for row in ("natural gradient", "recommended"):
+        assert scores[0][row] != scores[1][row], row
