@@ -12,12 +12,12 @@ import math
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.distributions import Normal
 
 from tbfunc import _noise, random
 from tbfunc._checks import check_key, check_tensor, fail
+from tbfunc._softplus import softplus
 
 __all__ = ["GaussianPosterior", "PretrainedGaussianPosterior", "VariationalPosterior"]
 
@@ -80,8 +80,9 @@ class GaussianPosterior(NamedTuple):
 
     @property
     def sigma(self) -> Tensor:
-        """``softplus(rho)``: positive for every finite ``rho``, linear for large ``rho``."""
-        return F.softplus(self.rho)
+        """``softplus(rho)``: positive for every finite ``rho``, linear for large ``rho``; the
+        same bits at every thread count (``_softplus``)."""
+        return softplus(self.rho)
 
     @property
     def distribution(self) -> Normal:
@@ -133,8 +134,9 @@ class PretrainedGaussianPosterior(NamedTuple):
 
     @property
     def sigma(self) -> Tensor:
-        """``softplus(rho)``: positive for every finite ``rho``, linear for large ``rho``."""
-        return F.softplus(self.rho)
+        """``softplus(rho)``: positive for every finite ``rho``, linear for large ``rho``; the
+        same bits at every thread count (``_softplus``)."""
+        return softplus(self.rho)
 
     @property
     def distribution(self) -> Normal:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 import tbfunc as tb
-from tbfunc import _native, _noise, _philox, testing
+from tbfunc import _native, _noise, _philox, _softplus, testing
 from tbfunc._sampling import hash32
 
 CPU = torch.device("cpu")
@@ -370,3 +371,88 @@ def test_a_build_without_march_native_gives_the_same_bits(tmp_path):
     ]
     assert done.stdout.strip() == repr([float(v) for d in here for v in d[::97]])
     assert len(list((tmp_path / "cache").glob("noise-*.so"))) == 1
+
+
+# -- softplus(rho), the other half of a draw, at every thread count -----------------------------
+
+
+def _disagreeing(dtype):
+    """A value where torch's scalar and vectorised softplus loops give other last bits (None
+    if this CPU's two loops agree on the grid): a strided view takes the scalar loop."""
+    xs = torch.linspace(-12.0, 12.0, 4001, dtype=dtype)
+    vector = F.softplus(xs)
+    scalar = F.softplus(torch.stack([xs, xs], 1).reshape(-1)[::2])
+    differ = (vector != scalar).nonzero()
+    return None if differ.numel() == 0 else float(xs[differ[0, 0]])
+
+
+def _at_threads(threads, fn, *args):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sigma_of(node):
+    return node.sigma
+
+
+def _draw_of(node):
+    return tb.sample({"w": node}, tb.random.key(1))["w"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigma_has_the_one_thread_bits_at_every_thread_count(dtype):
+    """torch's own F.softplus moves a few last bits with the thread count on tensors above the
+    grain size (the parts' scalar tails move); sigma, and so every draw, must not. Filled with
+    a value the two loops round apart, every moved tail shows."""
+    value = _disagreeing(dtype)
+    if value is None:
+        pytest.skip("this CPU's scalar and vectorised softplus agree: nothing can move")
+    moved = 0
+    # 131,415 over 5 threads: parts of 26,283 = 43 mod 64, so the part ending at 78,849 (= 1 mod
+    # 64) ran 11 scalar elements from 78,838: a window must reach a whole step back
+    for n in (_softplus.GRAIN, _softplus.GRAIN + 1, 40_001, 65_567, 100_003, 131_415):
+        rho = torch.full((n,), value, dtype=dtype)
+        one = _at_threads(1, F.softplus, rho)
+        for threads in (2, 3, 5):
+            moved += int((_at_threads(threads, F.softplus, rho) != one).sum())
+        for family in (tb.GaussianPosterior, tb.PretrainedGaussianPosterior):
+            node = family(torch.zeros(n, dtype=dtype), rho)
+            draw = _at_threads(1, _draw_of, node)
+            for threads in (2, 3, 5):
+                assert torch.equal(_at_threads(threads, _sigma_of, node), one), (n, threads)
+                assert torch.equal(_at_threads(threads, _draw_of, node), draw), (family, threads)
+    assert moved > 0  # torch's softplus did move: the check above has teeth
+
+
+def test_the_thread_invariant_softplus_keeps_torchs_gradients():
+    """The same gradient as F.softplus (its own backward), and a second derivative too."""
+    rho = tb.random.normal(tb.random.key(3), (70_001,), dtype=torch.float64).mul(4).requires_grad_()
+    weights = tb.random.normal(tb.random.key(4), (70_001,), dtype=torch.float64)
+
+    def grads(fn):
+        (g,) = torch.autograd.grad((fn(rho) * weights).sum(), rho, create_graph=True)
+        (gg,) = torch.autograd.grad(g.sum(), rho)
+        return g.detach(), gg
+
+    ours = _at_threads(2, grads, _softplus.softplus)
+    torchs = _at_threads(1, grads, F.softplus)
+    assert torch.equal(ours[0], torchs[0])
+    torch.testing.assert_close(ours[1], torchs[1], rtol=1e-12, atol=0)
+
+
+def test_the_thread_invariant_softplus_steps_aside_under_transforms():
+    """Under vmap the values are F.softplus's (no data-dependent window writes in a trace)."""
+    rho = tb.random.normal(tb.random.key(5), (2, 40_000))
+    out = _at_threads(2, torch.func.vmap(_softplus.softplus), rho)
+    assert torch.allclose(out, F.softplus(rho), rtol=0, atol=1e-6)
+
+
+def test_part_bounds_cover_both_schedulers():
+    """OpenMP's even parts and the native pool's grain-sized ones (at least the grain each)."""
+    assert _softplus.part_bounds(100_000, 2) == {50_000}  # the two agree here
+    assert _softplus.part_bounds(100_000, 4) == {25_000, 50_000, 75_000} | {32_768, 65_536, 98_304}
+    assert _softplus.part_bounds(40_000, 8) == {20_000, 32_768}
