@@ -37,12 +37,12 @@ from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tbfunc import _fused
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._sampling import sample_many
+from tbfunc._softplus import softplus
 from tbfunc.objective import parameters
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior, empirical_prior
@@ -277,7 +277,7 @@ class VON(torch.optim.Optimizer):
                 config,
                 int(states[0]["step"]),
                 mus,
-                [F.softplus(rho) for rho in rhos],
+                [softplus(rho) for rho in rhos],  # the draw's sigma, bit for bit
                 [mu.grad for mu in mus],
                 g_eps,
                 [state["momentum"] for state in states],
