@@ -15,7 +15,8 @@ weights. The contenders:
 - IVON (ivon-opt), where installed: its documented loop with the VON row's settings.
 
 The rounds interleave the contenders (each fit once a round); the table gives medians and each
-fit's median as a multiple of the Adam fit's.
+fit's median as a multiple of the Adam fit's. A second table splits one Adam step and one VON
+step into forward, backward and update, the two alternating step by step.
 """
 
 from __future__ import annotations
@@ -181,6 +182,53 @@ def compare(steps: int, rounds: int, threads: int) -> dict[str, tuple[float, flo
     }
 
 
+def phases(steps: int, threads: int) -> dict[str, dict[str, float]]:
+    """Where a step's time goes, per contender: the forward (to the loss), the backward and the
+    update, in ms, medians over ``steps`` steps that alternate between the Adam (MAP) and the
+    VON step, each timed phase by phase (``tb.functional_call`` is VON's forward)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y = data()
+        net = model()
+        adam = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        base = model().requires_grad_(False)
+        settings = VON_SETTINGS
+        sigma = (len(x) * (settings["hess_init"] + settings["weight_decay"])) ** -0.5
+        posterior = tb.from_module(base, sigma=sigma)
+        von = tb.optim.VON(posterior, num_data=len(x), **settings)  # type: ignore[arg-type]
+        forwards: dict[str, Callable[[Tensor, int], Tensor]] = {
+            "Adam (MAP)": lambda rows, step: net(x[rows]),
+            "tb.optim.VON": lambda rows, step: tb.functional_call(
+                base, posterior, tb.random.fold_in(KEY, step), x[rows]
+            ),
+        }
+        optimizers = {"Adam (MAP)": adam, "tb.optim.VON": von}
+        times = {name: {"forward": [], "backward": [], "update": []} for name in forwards}
+        for step in range(steps):
+            rows = batch_rows(step, len(x))
+            for name, forward in forwards.items():
+                opt = optimizers[name]
+                opt.zero_grad()
+                started = time.perf_counter()
+                loss = F.cross_entropy(forward(rows, step), y[rows])
+                split = time.perf_counter()
+                loss.backward()
+                stepped = time.perf_counter()
+                opt.step()
+                done = time.perf_counter()
+                times[name]["forward"].append(split - started)
+                times[name]["backward"].append(stepped - split)
+                times[name]["update"].append(done - stepped)
+    finally:
+        torch.set_num_threads(previous)
+    skip = min(20, steps // 2)  # the first steps warm the caches and the kernels
+    return {
+        name: {phase: 1e3 * statistics.median(values[skip:]) for phase, values in parts.items()}
+        for name, parts in times.items()
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=500)
@@ -197,6 +245,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     for threads in map(int, args.threads.split(",")):
         for name, (seconds, ratio) in compare(args.steps, args.rounds, threads).items():
             lines.append(f"| {threads} | {name} | {seconds:.3f} | {ratio:.2f} |")
+    lines += [
+        "",
+        f"One step by phase, ms (medians over {args.steps} alternating steps):",
+        "",
+        "| threads | step | forward | backward | update |",
+        "|---|---|---|---|---|",
+    ]
+    for threads in map(int, args.threads.split(",")):
+        for name, parts in phases(args.steps, threads).items():
+            cells = " | ".join(f"{parts[p]:.2f}" for p in ("forward", "backward", "update"))
+            lines.append(f"| {threads} | {name} | {cells} |")
     text = "\n".join(lines)
     print(text)
     return text

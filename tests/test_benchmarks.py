@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import torch
 
@@ -199,6 +200,27 @@ def test_fit_benchmark_times_every_fit_against_the_adam_fit(monkeypatch):
     assert all(seconds > 0 and ratio > 0 for seconds, ratio in table.values())
     text = fit.main(["--steps", "2", "--rounds", "1", "--threads", "1"])
     assert "| 1 | tb.optim.VON |" in text and "x Adam fit" in text
+    assert "| threads | step | forward | backward | update |" in text
+
+
+def test_fit_benchmark_phases_time_each_part_of_both_steps(monkeypatch):
+    """Each phase is timed around its own call: a VON update made slow shows in "update"
+    only, and the Adam step's phases are its own."""
+    from benchmarks import fit
+
+    real_step = tb.optim.VON.step
+
+    def slow_step(self, closure=None):
+        time.sleep(0.02)
+        return real_step(self, closure)
+
+    monkeypatch.setattr(tb.optim.VON, "step", slow_step)
+    with torch.random.fork_rng():
+        parts = fit.phases(steps=4, threads=1)
+    assert set(parts) == {"Adam (MAP)", "tb.optim.VON"}
+    assert parts["tb.optim.VON"]["update"] >= 20
+    assert parts["tb.optim.VON"]["forward"] < 20 and parts["tb.optim.VON"]["backward"] < 20
+    assert all(parts["Adam (MAP)"][p] < 20 for p in ("forward", "backward", "update"))
 
 
 def test_fit_benchmark_runs_the_recommended_recipes_settings():
