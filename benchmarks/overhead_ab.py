@@ -5,7 +5,10 @@
 Two per-call shortcuts sit on every eager ``predict`` and ``sample``: the direct vmap level
 (``tbfunc._vmap``; off: ``torch.func.vmap``) and the flat-dict draw (``_sampling._flat``; off:
 optree's walk). A third sits on the key a training loop derives every step: ``tb.random.fold_in``
-with a Python int (``_threefry.fold_in_int``; off: the tensor form). Switched off, each call
+with a Python int (``_threefry.fold_in_int``; off: the tensor form). A fourth sits on the first
+call after an optimizer step, which checks the rewritten posterior for non-finite values: one
+C pass (``_fused.all_finite``; off: a sum per tensor), timed as ``tb.sample`` right after an
+in-place update of every ``mu`` (the update itself inside the timing). Switched off, each call
 takes the route it took before the shortcuts existed (``tb.sample``'s smaller shortcut in
 ``check_tree`` stays on in both settings).
 A change of a few tens of microseconds is below the drift between runs on a shared machine, so
@@ -27,7 +30,7 @@ import torch
 
 import tbfunc as tb
 from benchmarks import overhead, timing
-from tbfunc import _sampling, _threefry, _vmap
+from tbfunc import _fused, _sampling, _threefry, _vmap
 
 CALLS = 10  # per contender and round
 
@@ -35,14 +38,15 @@ CALLS = 10  # per contender and round
 @contextlib.contextmanager
 def routes(short: bool) -> Iterator[None]:
     """The short routes as they are (True) or all switched off (False)."""
-    saved = _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int
+    saved = _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int, _fused.all_finite
     if not short:
         _sampling._flat, _vmap._PRIMITIVES = (lambda tree: None), None
         _threefry.fold_in_int = _tensor_fold_in
+        _fused.all_finite = lambda tensors: None  # the tensor-op check runs instead
     try:
         yield
     finally:
-        _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int = saved
+        _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int, _fused.all_finite = saved
 
 
 def _tensor_fold_in(key: torch.Tensor, data: int) -> torch.Tensor:
@@ -59,6 +63,14 @@ def compare(rounds: int, after_other: bool) -> dict[str, list[float]]:
     calls = {name: runs[name] for name in ("tb.predict vmap", "tb.predict", "tb.sample")}
     key = tb.random.key(0)
     calls["tb.random.fold_in"] = lambda: tb.random.fold_in(key, 12345)
+    posterior = tb.from_module(overhead.model(device)[0])
+
+    def after_update() -> object:
+        for node in posterior.values():
+            node.mu.add_(0.0)  # an optimizer's in-place step: the version counter moves
+        return tb.sample(posterior, key)
+
+    calls["tb.sample after an in-place update"] = after_update
     anchors = {
         name: runs[name] for name in ("floor + rng", "randn + addcmul", "torchbayesian vmap")
     }
