@@ -88,18 +88,20 @@ def test_the_untimed_call_before_each_timed_one_runs_and_is_left_out(monkeypatch
 
 def test_overhead_ab_switches_every_short_route_off_and_back(monkeypatch):
     from benchmarks import overhead_ab
-    from tbfunc import _sampling, _threefry, _vmap
+    from tbfunc import _fused, _sampling, _threefry, _vmap
 
     flat, primitives, scalar = _sampling._flat, _vmap._PRIMITIVES, _threefry.fold_in_int
+    finite = _fused.all_finite
     post = {"a": tb.GaussianPosterior(torch.zeros(3), torch.zeros(3))}
     key = tb.random.key(1)
     with overhead_ab.routes(short=False):
         assert _vmap._PRIMITIVES is None and _sampling._flat(post) is None
         assert _threefry.fold_in_int is not scalar
+        assert _fused.all_finite([torch.zeros(3)]) is None  # the tensor-op check instead
         slow = tb.random.fold_in(key, 2**63 + 3)  # the tensor form: the same key
     assert torch.equal(slow, tb.random.fold_in(key, 2**63 + 3))
     assert _sampling._flat is flat and _vmap._PRIMITIVES is primitives
-    assert _threefry.fold_in_int is scalar
+    assert _threefry.fold_in_int is scalar and _fused.all_finite is finite
     with overhead_ab.routes(short=True):
         assert _sampling._flat(post) is not None and _vmap._PRIMITIVES is primitives
     monkeypatch.setattr(overhead_ab, "CALLS", 1)
@@ -107,9 +109,10 @@ def test_overhead_ab_switches_every_short_route_off_and_back(monkeypatch):
     monkeypatch.setattr(overhead_ab.overhead, "other_library", lambda device: between.append)
     with torch.random.fork_rng():  # torchbayesian draws from the global RNG
         text = overhead_ab.main(["--rounds", "1", "--after-other"])
-    # ahead of each call: 2 rounds (the first a warm-up) of 4 calls x 2 settings + 3 anchors
-    assert len(between) == 22 and between[-1] == "torchbayesian vmap"
-    for name in ("tb.predict vmap", "tb.predict", "tb.sample", "tb.random.fold_in"):
+    # ahead of each call: 2 rounds (the first a warm-up) of 5 calls x 2 settings + 3 anchors
+    assert len(between) == 26 and between[-1] == "torchbayesian vmap"
+    calls = ("tb.predict vmap", "tb.predict", "tb.sample", "tb.random.fold_in")
+    for name in (*calls, "tb.sample after an in-place update"):
         assert f"| {name}, short routes on |" in text and f"| {name}, short routes off |" in text
     assert "| torchbayesian vmap |" in text and "after another library's forward" in text
 
