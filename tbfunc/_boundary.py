@@ -168,6 +168,10 @@ def check_modes(module: nn.Module, entry: str, dropout: bool = False) -> None:
     means (``F.dropout(..., training=True)``) are caught by ``rng_guard``. With ``dropout``
     the dropout layers are allowed: their masks come from keys (``tbfunc._dropout``).
     """
+    # the common case, a module left in training mode with no layer to refuse, without
+    # building names (``named_modules`` costs more than the check); names only to report
+    if not any(_refused(layer, dropout) for layer in module_layers(module)):
+        return
     for name, layer in _training_layers(module):
         if dropout and isinstance(layer, DROPOUT_LAYERS):
             continue
@@ -185,6 +189,12 @@ def _training_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     any (``named_modules`` costs more than the check on every call)."""
     if any(layer.training for layer in module_layers(module)):
         yield from ((n, m) for n, m in module.named_modules() if m.training)
+
+
+def _refused(layer: nn.Module, dropout: bool) -> bool:
+    if not layer.training or (dropout and isinstance(layer, DROPOUT_LAYERS)):
+        return False
+    return bool(_stateful_in_training(layer))
 
 
 def _stateful_in_training(layer: nn.Module) -> str:
