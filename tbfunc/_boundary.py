@@ -169,26 +169,16 @@ def check_modes(module: nn.Module, entry: str, dropout: bool = False) -> None:
     the dropout layers are allowed: their masks come from keys (``tbfunc._dropout``).
     """
     # the common case, a module left in training mode with no layer to refuse, without
-    # building names (``named_modules`` costs more than the check); names only to report
+    # building names (``named_modules`` costs more than the check); names only to report the
+    # first refused layer in ``named_modules`` order
     if not any(_refused(layer, dropout) for layer in module_layers(module)):
         return
-    for name, layer in _training_layers(module):
-        if dropout and isinstance(layer, DROPOUT_LAYERS):
-            continue
-        reason = _stateful_in_training(layer)
-        if reason:
-            raise ValueError(
-                f"module must be in eval mode for {entry}, got {type(layer).__name__} "
-                f"{name or '(root)'!r} in training mode: its forward would {reason}. "
-                "Call module.eval() first."
-            )
-
-
-def _training_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, layer)`` for the layers in training mode; names are built only if there are
-    any (``named_modules`` costs more than the check on every call)."""
-    if any(layer.training for layer in module_layers(module)):
-        yield from ((n, m) for n, m in module.named_modules() if m.training)
+    name, layer = next((n, m) for n, m in module.named_modules() if _refused(m, dropout))
+    raise ValueError(
+        f"module must be in eval mode for {entry}, got {type(layer).__name__} "
+        f"{name or '(root)'!r} in training mode: its forward would "
+        f"{_stateful_in_training(layer)}. Call module.eval() first."
+    )
 
 
 def _refused(layer: nn.Module, dropout: bool) -> bool:

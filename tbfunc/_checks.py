@@ -66,6 +66,16 @@ def check_key(key: Any, arg: str = "key") -> Tensor:
     return key
 
 
+def traced() -> bool:
+    """Whether the compiler, a ``torch.func`` transform or forward-mode AD records what runs
+    now: values cannot be read, nor tensors written through their data pointers."""
+    return (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
 def is_wrapped(tensor: Tensor) -> bool:
     """Whether a ``torch.func`` transform (vmap, grad) wraps ``tensor``: its values are unknown."""
     return torch._C._functorch.is_functorch_wrapped_tensor(tensor)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tbfunc import _native, _noise, _parallel
+from tbfunc._checks import traced
 
 __all__ = [
     "PriorTerms",
@@ -51,13 +52,9 @@ def eager(tensors: Sequence[Tensor]) -> bool:
     """Plain eager CPU float32/float64 tensors of one dtype, with the kernels built: no
     compiler, no ``torch.func`` transform and no forward-mode AD around them; and the route
     not switched off (``TBFUNC_FUSED=0``, read at every call: benchmarks compare both)."""
-    if not tensors or torch.compiler.is_compiling():
+    if not tensors or traced():
         return False
     if os.environ.get("TBFUNC_FUSED", "1") == "0":
-        return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    if torch.autograd.forward_ad._current_level >= 0:
         return False
     dtype = tensors[0].dtype
     for t in tensors:

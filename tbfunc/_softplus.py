@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tbfunc._checks import traced
+
 __all__ = ["softplus"]
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: below it ATen runs an elementwise op serially
@@ -52,11 +54,7 @@ def part_bounds(numel: int, threads: int) -> set[int]:
 
 
 def _plain(rho: Tensor) -> bool:
-    if type(rho) not in (Tensor, nn.Parameter) or not rho.is_cpu:
-        return False
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return torch.autograd.forward_ad._current_level < 0
+    return type(rho) in (Tensor, nn.Parameter) and rho.is_cpu and not traced()
 
 
 def _invariant(rho: Tensor) -> Tensor:
