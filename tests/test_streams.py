@@ -456,3 +456,23 @@ def test_part_bounds_cover_both_schedulers():
     assert _softplus.part_bounds(100_000, 2) == {50_000}  # the two agree here
     assert _softplus.part_bounds(100_000, 4) == {25_000, 50_000, 75_000} | {32_768, 65_536, 98_304}
     assert _softplus.part_bounds(40_000, 8) == {20_000, 32_768}
+
+
+# torch's first forward-mode AD call imports its jvp decompositions, which script functions and
+# warn from inside torch (not tbfunc's code)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_the_thread_invariant_softplus_and_the_fused_route_step_aside_under_forward_ad():
+    """Forward-mode AD carries tangents the windows' in-place writes and the kernels' pointer
+    writes would drop: softplus's tangent must be sigmoid(rho) times the input's, and the fused
+    route must not claim the tensors."""
+    import torch.autograd.forward_ad as fwad
+
+    from tbfunc import _fused
+
+    rho = tb.random.normal(tb.random.key(6), (40_000,))
+    with fwad.dual_level():
+        dual = fwad.make_dual(rho, torch.ones_like(rho))
+        tangent = fwad.unpack_dual(_at_threads(2, _softplus.softplus, dual)).tangent
+        assert not _fused.eager([rho])
+    assert tangent is not None
+    torch.testing.assert_close(tangent, torch.sigmoid(rho))
