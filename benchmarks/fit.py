@@ -64,9 +64,24 @@ def batch_rows(step: int, count: int) -> Tensor:
     return order[index * BATCH : (index + 1) * BATCH]
 
 
+def adam(net: nn.Module) -> torch.optim.Adam:
+    """The MAP fit's optimizer (the examples' ``map_lr`` and ``map_weight_decay``)."""
+    return torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+
+
+def von(count: int) -> tuple[nn.Module, dict, tb.optim.VON]:
+    """The frozen base, its posterior with the first draw at the sigma the curvature guess
+    implies (as the recipe starts it), and VON at the recipe's settings for ``count`` rows."""
+    net = model().requires_grad_(False)
+    settings = VON_SETTINGS
+    sigma = (count * (settings["hess_init"] + settings["weight_decay"])) ** -0.5
+    posterior = tb.from_module(net, sigma=sigma)
+    return net, posterior, tb.optim.VON(posterior, num_data=count, **settings)  # type: ignore[arg-type]
+
+
 def adam_fit(x: Tensor, y: Tensor, steps: int) -> None:
     net = model()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = adam(net)
     for step in range(steps):
         rows = batch_rows(step, len(x))
         loss = F.cross_entropy(net(x[rows]), y[rows])
@@ -76,13 +91,7 @@ def adam_fit(x: Tensor, y: Tensor, steps: int) -> None:
 
 
 def von_fit(x: Tensor, y: Tensor, steps: int) -> None:
-    net = model().requires_grad_(False)
-    # the first draw at the sigma the curvature guess implies, as the recipe starts it
-    settings = VON_SETTINGS
-    posterior = tb.from_module(
-        net, sigma=(len(x) * (settings["hess_init"] + settings["weight_decay"])) ** -0.5
-    )
-    opt = tb.optim.VON(posterior, num_data=len(x), **VON_SETTINGS)  # type: ignore[arg-type]
+    net, posterior, opt = von(len(x))
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps):
         rows = batch_rows(step, len(x))
@@ -191,19 +200,14 @@ def phases(steps: int, threads: int) -> dict[str, dict[str, float]]:
     try:
         x, y = data()
         net = model()
-        adam = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-        base = model().requires_grad_(False)
-        settings = VON_SETTINGS
-        sigma = (len(x) * (settings["hess_init"] + settings["weight_decay"])) ** -0.5
-        posterior = tb.from_module(base, sigma=sigma)
-        von = tb.optim.VON(posterior, num_data=len(x), **settings)  # type: ignore[arg-type]
+        base, posterior, von_opt = von(len(x))
         forwards: dict[str, Callable[[Tensor, int], Tensor]] = {
             "Adam (MAP)": lambda rows, step: net(x[rows]),
             "tb.optim.VON": lambda rows, step: tb.functional_call(
                 base, posterior, tb.random.fold_in(KEY, step), x[rows]
             ),
         }
-        optimizers = {"Adam (MAP)": adam, "tb.optim.VON": von}
+        optimizers = {"Adam (MAP)": adam(net), "tb.optim.VON": von_opt}
         times = {name: {"forward": [], "backward": [], "update": []} for name in forwards}
         for step in range(steps):
             rows = batch_rows(step, len(x))
