@@ -388,8 +388,7 @@ def widened(posterior: dict, factor: float) -> dict:
     if factor == 1.0:
         return posterior
     return {
-        n: p._replace(rho=torch.log(torch.expm1(p.sigma * factor)))
-        for n, p in posterior.items()
+        n: p._replace(rho=torch.log(torch.expm1(p.sigma * factor))) for n, p in posterior.items()
     }
 
 
