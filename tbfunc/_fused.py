@@ -96,7 +96,12 @@ def all_finite(tensors: Sequence[Tensor]) -> bool | None:
         library.tb_finite(len(tensors), *tables, begin, end, flag)
         flags.append(flag[0])
 
-    _parallel.split(sum(numels), run)
+    def team(parts: int) -> None:
+        found = (ctypes.c_int64 * parts)()
+        library.tb_finite_parts(len(tensors), *tables, sum(numels), parts, found)
+        flags.extend(found)
+
+    _parallel.split(sum(numels), run, team=team)
     return not any(flags)
 
 
@@ -320,13 +325,18 @@ def _prior_tables(priors: list[PriorTerms] | None, count: int = 0) -> list[Any]:
 
 def _over_threads(function: Any, dtype: torch.dtype, numels: list[int], *args: Any) -> None:
     """``function(kind, nodes, numels, *args, begin, end)``, the kernels' common signature, over
-    the nodes' concatenated elements, one part per thread."""
-    kind, table = _kind(dtype), _table(numels)
+    the nodes' concatenated elements, one part per thread (on torch's OpenMP team by the
+    kernel's ``_parts`` twin where the library has one)."""
+    kind, table, total = _kind(dtype), _table(numels), sum(numels)
+    twin: Any = getattr(_library(), function.__name__ + "_parts", None)
 
     def run(begin: int, end: int) -> None:
         function(kind, len(numels), table, *args, begin, end)
 
-    _parallel.split(sum(numels), run)
+    def team(parts: int) -> None:
+        twin(kind, len(numels), table, *args, total, parts)
+
+    _parallel.split(total, run, team=None if twin is None else team)
 
 
 def _library() -> Any:
@@ -350,7 +360,12 @@ def _kl_sum(
         library.tb_kl(kind, len(mus), *tables, *prior, begin, end, out)
         partials.append(out[0])
 
-    _parallel.split(sum(numels), run)
+    def team(parts: int) -> None:
+        out = (ctypes.c_double * parts)()
+        library.tb_kl_parts(kind, len(mus), *tables, *prior, sum(numels), parts, out)
+        partials.extend(out)
+
+    _parallel.split(sum(numels), run, team=team)
     return float(sum(sorted(partials)))  # sorted: the same total whatever the threads' order
 
 

@@ -7,6 +7,11 @@ sample). The kernel is counter-based (Philox-4x32-10 keyed by the whole 64-bit k
 the segment keys itself and writes ``mu + sigma * eps``: one call per draw, no per-segment
 Python. ``ctypes`` releases the GIL during the call, so ``_noise`` spreads a call over threads.
 
+Threads: where torch runs on the GNU OpenMP runtime (``libgomp.so.1``, as its Linux wheels do),
+the library is built with ``-fopenmp`` and so shares that runtime: its ``*_parts`` functions
+run a call's parts on torch's own team of threads (``_parts.h``; ``team()`` says whether they
+do). Elsewhere ``tbfunc._parallel`` runs the parts on a pool of tbfunc's own threads.
+
 The build takes about half a second, once: the library is cached under
 ``$TBFUNC_CACHE_DIR`` (default ``$XDG_CACHE_HOME/tbfunc`` or ``~/.cache/tbfunc``), named by a
 hash of the source, the compiler, the flags and the CPU's feature flags (the build targets
@@ -35,7 +40,7 @@ __all__ = ["kernel"]
 
 # the noise kernel, the training kernels and the polynomials both use: one library
 _SOURCES = [Path(__file__).with_name(name) for name in ("_noise.c", "_train.c")]
-_HEADERS = [Path(__file__).with_name("_cephes.h")]
+_HEADERS = [Path(__file__).with_name(name) for name in ("_cephes.h", "_parts.h")]
 # -ffp-contract=off: no FMA contraction, so the noise kernel's vectorised and scalar code and
 # tbfunc._philox round alike (_train.c turns contraction back on for the training kernels,
 # which need agree with tensor ops only to rounding). -fno-trapping-math lets the compiler
@@ -50,6 +55,8 @@ _FLAGS = [
     "-fPIC",
     "-shared",
 ]
+# added where torch's OpenMP runtime is one the library can share (``_openmp_flags``)
+_OPENMP = "-fopenmp"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _I32 = ctypes.c_int32
@@ -104,6 +111,17 @@ _SYMBOLS = (
     "tb_adam",
     "tb_von",
 )
+# the same kernels over a call's parts, on torch's OpenMP team (_parts.h); optional, like
+# tb_finite, so that benchmarks.kernel_ab can load older builds
+_PART_SYMBOLS = (
+    "tb_fill_parts",
+    "tb_draw_grad_parts",
+    "tb_kl_parts",
+    "tb_kl_grad_parts",
+    "tb_adam_parts",
+    "tb_von_parts",
+    "tb_finite_parts",
+)
 
 
 def _load(path: Path) -> ctypes.CDLL | None:
@@ -135,7 +153,86 @@ def _load(path: Path) -> ctypes.CDLL | None:
     if hasattr(library, "tb_finite"):  # optional: benchmarks.kernel_ab loads older builds
         library.tb_finite.argtypes = [_I64, _P, _P, _P, _I64, _I64, _P]
         library.tb_finite.restype = None
+    if all(hasattr(library, name) for name in (*_PART_SYMBOLS, "tb_openmp")):
+        _set_part_signatures(library)
     return library
+
+
+def _set_part_signatures(library: ctypes.CDLL) -> None:
+    """Each ``*_parts`` function takes its kernel's arguments with ``(begin, end)`` replaced by
+    ``(total, parts)``, two int64 in the same place (``tb_fill_parts``: moved to the end);
+    ``tb_kl_parts`` and ``tb_finite_parts`` write one result per part."""
+    fill = library.tb_fill.argtypes
+    library.tb_fill_parts.argtypes = [*fill[:4], *fill[6:], _I64, _I64]
+    for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam", "tb_von", "tb_finite"):
+        getattr(library, name + "_parts").argtypes = getattr(library, name).argtypes
+    for name in _PART_SYMBOLS:
+        getattr(library, name).restype = None
+    library.tb_openmp.argtypes = []
+    library.tb_openmp.restype = _P
+
+
+def team(library: ctypes.CDLL) -> bool:
+    """Whether ``library``'s ``*_parts`` functions run on torch's own OpenMP team: the library
+    was built with OpenMP, torch's runtime is the only one in the process (so the library
+    loaded no second one), and this is no forked child. ``TBFUNC_OPENMP=0`` (read at every
+    call: the benchmarks compare both) sends the parts to tbfunc's thread pool instead.
+
+    A forked child keeps the pool route: GNU OpenMP is not fork-safe, and a child whose parent
+    had started a team waits forever for that team's threads in its first parallel region
+    (torch's own parallel ops hang there too; tbfunc's pool makes new threads in the child)."""
+    if _forked or os.environ.get("TBFUNC_OPENMP", "1") == "0":
+        return False
+    return _shares_openmp(library)
+
+
+_forked = False
+
+
+def _after_fork_in_child() -> None:
+    global _forked
+    _forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@functools.cache
+def _shares_openmp(library: ctypes.CDLL) -> bool:
+    """The library's OpenMP calls reach torch's runtime: the same function address (a second
+    runtime loaded for the library, or a build without OpenMP, fails)."""
+    reached = library.tb_openmp() if hasattr(library, "tb_openmp") else None
+    runtime = _openmp_runtime()
+    if not reached or runtime is None:
+        return False
+    own = ctypes.CDLL(runtime).omp_get_max_threads  # already loaded: the same handle
+    return bool(reached == ctypes.cast(own, ctypes.c_void_p).value)
+
+
+@functools.cache
+def _openmp_runtime() -> str | None:
+    """The path of torch's OpenMP runtime where the library can share it: torch runs its
+    intra-op threads on OpenMP, on GNU's runtime under its usual name (``libgomp.so.1``, the
+    name a ``-fopenmp`` build asks the loader for, which then hands it the copy already
+    loaded). None elsewhere (another runtime, a renamed copy, no ``/proc``). Other packages'
+    renamed copies (scikit-learn ships ``libgomp-<hash>.so.1``) do not count."""
+    import torch  # already imported by the time a kernel builds; not at this module's import
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    found = {path for path in _openmp_libraries() if Path(path).name == "libgomp.so.1"}
+    return next(iter(found)) if len(found) == 1 else None
+
+
+def _openmp_libraries() -> set[str]:
+    """The OpenMP runtimes mapped into this process (Linux), by path."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return set()
+    names = ("libgomp", "libiomp", "libomp")
+    return {path for path in paths if Path(path).name.startswith(names)}
 
 
 def _load_fresh(path: Path) -> ctypes.CDLL | None:
@@ -165,13 +262,28 @@ def _cached(command: list[str], version: str) -> tuple[Path, str]:
     way), only less vectorised; the training kernels then lose their FMAs (to rounding). Also a
     note to warn with, or ""."""
     failure: subprocess.SubprocessError | None = None
-    for flags in (_FLAGS, [flag for flag in _FLAGS if flag != "-march=native"]):
+    for flags in _flag_choices():
         try:
             return _built(command, version, flags)
         except subprocess.CalledProcessError as error:
             failure = error
     assert failure is not None
     raise failure
+
+
+def _flag_choices() -> list[list[str]]:
+    """The builds to try, best first: with torch's OpenMP threads where they can be shared
+    (``_openmp_runtime``), then without ``-march=native``, as before."""
+    portable = [flag for flag in _FLAGS if flag != "-march=native"]
+    choices = [_FLAGS, portable]
+    if _openmp_runtime() is not None:
+        choices = [[*_FLAGS, _OPENMP], [*portable, _OPENMP], *choices]
+    return choices
+
+
+def preferred_flags() -> list[str]:
+    """The flags of the first build tried here (``benchmarks.kernel_ab`` builds with them)."""
+    return _flag_choices()[0]
 
 
 def library_name(command: list[str], version: str, flags: list[str]) -> str:

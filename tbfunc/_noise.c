@@ -27,6 +27,7 @@
 #include <string.h>
 
 #include "_cephes.h"
+#include "_parts.h"
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -279,4 +280,27 @@ void tb_fill(int32_t uniform, int32_t dtype, const int64_t *outs, const int64_t 
                     out + (s * stride + a) * (int64_t)width, mu, sigma, eps);
         }
     }
+}
+
+/* tb_fill over `parts` parts of [0, total) (_parts.h). */
+void tb_fill_parts(int32_t uniform, int32_t dtype, const int64_t *outs, const int64_t *strides,
+                   int64_t samples, const int64_t *keys, int64_t nodes, const int64_t *hashes,
+                   const int64_t *numels, const int64_t *mus, const int64_t *sigmas,
+                   const int64_t *eps_outs, int64_t total, int64_t parts) {
+    OVER_PARTS(total, parts,
+               tb_fill(uniform, dtype, outs, strides, begin, end, samples, keys, nodes, hashes,
+                       numels, mus, sigmas, eps_outs));
+}
+
+/* Where the library was built with OpenMP, the address its calls into the OpenMP runtime
+ * reach (omp_get_max_threads), so tbfunc can check that the runtime is torch's; else NULL. */
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+void *tb_openmp(void) {
+#if defined(_OPENMP)
+    return (void *)&omp_get_max_threads;
+#else
+    return 0;
+#endif
 }

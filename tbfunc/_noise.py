@@ -237,7 +237,25 @@ def _fill_native(
             eps_table,
         )
 
-    _parallel.split(total, run, _PARALLEL_MIN_NUMEL)
+    def team(parts: int) -> None:
+        library.tb_fill_parts(
+            int(uniform),
+            kind,
+            out_table,
+            stride_table,
+            samples,
+            keys.data_ptr(),
+            nodes,
+            hash_table,
+            numel_table,
+            mu_table,
+            sigma_table,
+            eps_table,
+            total,
+            parts,
+        )
+
+    _parallel.split(total, run, _PARALLEL_MIN_NUMEL, team)
 
 
 def _fill_with_generator(

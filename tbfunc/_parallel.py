@@ -1,6 +1,11 @@
-"""Splitting one C kernel call over threads: ``ctypes`` releases the GIL during a call, so
-``split(total, run)`` runs ``run(begin, end)`` on contiguous parts of ``[0, total)`` at once,
-one part per thread (``torch.get_num_threads()``), on a pool shared by every kernel."""
+"""Splitting one C kernel call over threads: ``split(total, run, team=...)`` runs the kernel on
+contiguous parts of ``[0, total)`` at once, one part per thread (``torch.get_num_threads()``).
+
+Two routes, the same parts and so the same results: where the kernel library shares torch's
+OpenMP runtime (``_native.team``), ``team(parts)`` makes one C call that runs the parts on
+torch's own threads (``_parts.h``); else ``run(begin, end)`` runs each part on a pool of
+tbfunc's threads (``ctypes`` releases the GIL during a call). The pool is the slower route in
+a training loop: the threads torch's last op leaves spinning hold the cores it needs."""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from tbfunc import _native
+
 __all__ = ["split"]
 
 PARALLEL_MIN_NUMEL = 1 << 16  # below this, handing work to threads costs more than it saves
@@ -19,12 +26,23 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def split(total: int, run: Callable[[int, int], object], min_numel: int | None = None) -> None:
+def split(
+    total: int,
+    run: Callable[[int, int], object],
+    min_numel: int | None = None,
+    team: Callable[[int], object] | None = None,
+) -> None:
     """``run(begin, end)`` over ``[0, total)``: in one call below ``min_numel`` elements per
-    thread (default ``PARALLEL_MIN_NUMEL``), else in one part per thread, this one included."""
+    thread (default ``PARALLEL_MIN_NUMEL``), else in one part per thread, this one included;
+    part ``p`` of ``P`` is ``[total p // P, total (p + 1) // P)``. With ``team``, where the
+    kernels run on torch's OpenMP team, ``team(P)`` instead (one call for all the parts)."""
     workers = min(torch.get_num_threads(), total // (min_numel or PARALLEL_MIN_NUMEL))
     if workers < 2:
         run(0, total)
+        return
+    library = _native.kernel()
+    if team is not None and library is not None and _native.team(library):
+        team(workers)
         return
     bounds = [total * part // workers for part in range(workers + 1)]
     futures = [_thread_pool().submit(run, a, b) for a, b in itertools.pairwise(bounds[1:])]

@@ -34,6 +34,7 @@
 #include <stdint.h>
 
 #include "_cephes.h"
+#include "_parts.h"
 
 #define CHUNK 256         /* elements per block of the multi-sample reduction: stays in L1 */
 #define SMALL_RHO -20.0   /* below it log(softplus(rho)) is rho to float64 precision */
@@ -454,4 +455,60 @@ void tb_finite(int64_t nodes, table kinds, table numels, table values, int64_t b
                                     : any_nonfinite64(a, b, (const uint64_t *)values[l]);
         if (bad) out[0] = 1;
     });
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Each kernel over `parts` parts of [0, total) (_parts.h); tb_kl and tb_finite write part p's
+ * result to out[p] (out zeroed by the caller), so the caller combines them as it does the
+ * pool's parts. */
+
+void tb_draw_grad_parts(int32_t dtype, int64_t nodes, table numels, int64_t samples,
+                        table grads, table eps, table rhos, table grad_mus, table grad_rhos,
+                        double c, table mus, table sigmas, table prior_mus,
+                        const double *prior_mu_values, table prior_sigmas,
+                        const double *prior_sigma_values, int64_t total, int64_t parts) {
+    OVER_PARTS(total, parts,
+               tb_draw_grad(dtype, nodes, numels, samples, grads, eps, rhos, grad_mus, grad_rhos,
+                            c, mus, sigmas, prior_mus, prior_mu_values, prior_sigmas,
+                            prior_sigma_values, begin, end));
+}
+
+void tb_kl_parts(int32_t dtype, int64_t nodes, table numels, table mus, table rhos,
+                 table sigmas, table prior_mus, const double *prior_mu_values,
+                 table prior_sigmas, const double *prior_sigma_values, int64_t total,
+                 int64_t parts, double *out) {
+    OVER_PARTS(total, parts,
+               tb_kl(dtype, nodes, numels, mus, rhos, sigmas, prior_mus, prior_mu_values,
+                     prior_sigmas, prior_sigma_values, begin, end, out + part));
+}
+
+void tb_kl_grad_parts(int32_t dtype, int64_t nodes, table numels, double c, table mus,
+                      table rhos, table sigmas, table prior_mus, const double *prior_mu_values,
+                      table prior_sigmas, const double *prior_sigma_values, table grad_mus,
+                      table grad_rhos, int64_t total, int64_t parts) {
+    OVER_PARTS(total, parts,
+               tb_kl_grad(dtype, nodes, numels, c, mus, rhos, sigmas, prior_mus,
+                          prior_mu_values, prior_sigmas, prior_sigma_values, grad_mus,
+                          grad_rhos, begin, end));
+}
+
+void tb_adam_parts(int32_t dtype, int64_t nodes, table numels, table params, table grads,
+                   table exp_avgs, table exp_avg_sqs, const double *per_node,
+                   const double *hyper, int64_t total, int64_t parts) {
+    OVER_PARTS(total, parts,
+               tb_adam(dtype, nodes, numels, params, grads, exp_avgs, exp_avg_sqs, per_node,
+                       hyper, begin, end));
+}
+
+void tb_von_parts(int32_t dtype, int64_t nodes, table numels, table mus, table rhos,
+                  table grad_mus, table grad_rhos, table gbars, table hs, table centres,
+                  const double *deltas, const double *hyper, int64_t total, int64_t parts) {
+    OVER_PARTS(total, parts,
+               tb_von(dtype, nodes, numels, mus, rhos, grad_mus, grad_rhos, gbars, hs, centres,
+                      deltas, hyper, begin, end));
+}
+
+void tb_finite_parts(int64_t nodes, table kinds, table numels, table values, int64_t total,
+                     int64_t parts, int64_t *out) {
+    OVER_PARTS(total, parts, tb_finite(nodes, kinds, numels, values, begin, end, out + part));
 }

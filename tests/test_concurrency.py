@@ -121,7 +121,11 @@ def _draw_in_child(queue):
     queue.put(_bits(tb.random.normal(tb.random.key(4), (_BIG,))))
 
 
-def test_a_forked_child_draws_in_parallel_after_the_parent_did():
+@pytest.mark.parametrize("route", ["team", "pool"])
+def test_a_forked_child_draws_in_parallel_after_the_parent_did(monkeypatch, route):
+    """On torch's OpenMP team (libgomp makes a new team in the child) and on tbfunc's pool
+    (the child makes a new pool): neither may hang on the parent's threads."""
+    monkeypatch.setenv("TBFUNC_OPENMP", "1" if route == "team" else "0")  # the child inherits it
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

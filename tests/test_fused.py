@@ -156,10 +156,13 @@ def test_the_draws_are_the_no_grad_draws_bit_for_bit(monkeypatch):
         assert torch.equal(recorded[name].detach(), plain[name])
 
 
-def test_one_thread_and_many_give_the_same_kernel_results(monkeypatch):
+@pytest.mark.parametrize("route", ["team", "pool"])
+def test_one_thread_and_many_give_the_same_kernel_results(monkeypatch, route):
     """The kernels split the concatenation of all nodes at arbitrary points (mid-node); each
     element's result must not depend on where (torch's own matmuls do, so the kernels are
-    fed fixed inputs here)."""
+    fed fixed inputs here), on either route to the threads (torch's OpenMP team, by one C
+    call that cuts the parts itself, or tbfunc's pool, whose parts Python cuts)."""
+    monkeypatch.setenv("TBFUNC_OPENMP", "1" if route == "team" else "0")
     shapes = [(33, 7), (33,), (5, 33)]
     rhos = [data(*s, seed=i) - 2 for i, s in enumerate(shapes)]
     mus = [data(*s, seed=10 + i) * 0.1 for i, s in enumerate(shapes)]
@@ -180,19 +183,29 @@ def test_one_thread_and_many_give_the_same_kernel_results(monkeypatch):
                 params, [g[0] for g in grads], *moments, [3.0] * 3,
                 lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01,
             )  # fmt: skip
+            von = [m.clone() for m in mus], [r.clone() for r in rhos]
+            von_state = [torch.zeros_like(m) for m in mus], [torch.ones_like(m) for m in mus]
+            _fused.von_step(
+                (*von, [g[0] for g in grads], [g[1] for g in grads]), *von_state, None,
+                [1e-3] * 3, step=2, lr=0.1, beta1=0.9, beta2=0.999, num_data=50, clip=None,
+            )  # fmt: skip
+            kl_grads = [torch.empty_like(m) for m in mus], [torch.empty_like(m) for m in mus]
+            _fused._kl_grad(0.3, mus, rhos, sigmas, priors, *kl_grads)
             results.append(
                 (
                     _fused._draw_grad(grads, noise, rhos, kl),
                     _fused._draw_grad(grads, noise, rhos, None),
                     _fused._kl_sum(mus, rhos, sigmas, priors),
                     (params, *moments),
+                    (*von, *von_state),
+                    kl_grads,
                 )
             )
     finally:
         torch.set_num_threads(threads)
     first = results[0]
     for other in results[1:]:
-        for part in (0, 1, 3):
+        for part in (0, 1, 3, 4, 5):
             for a, b in zip(
                 [t for group in other[part] for t in group],
                 [t for group in first[part] for t in group],
@@ -553,8 +566,11 @@ def test_the_finiteness_pass_finds_one_bad_value_anywhere(dtype, bad):
     assert _fused.all_finite(tensors) is True
 
 
-def test_the_finiteness_pass_sees_every_threads_part(monkeypatch):
-    """Split over threads, a bad value in any part is found (not only the calling thread's)."""
+@pytest.mark.parametrize("route", ["team", "pool"])
+def test_the_finiteness_pass_sees_every_threads_part(monkeypatch, route):
+    """Split over threads, a bad value in any part is found (not only the calling thread's),
+    on either route to the threads."""
+    monkeypatch.setenv("TBFUNC_OPENMP", "1" if route == "team" else "0")
     monkeypatch.setattr(_parallel, "PARALLEL_MIN_NUMEL", 1000)
     tensors = [torch.zeros(3000), torch.zeros(2500, dtype=torch.float64)]
     threads = torch.get_num_threads()

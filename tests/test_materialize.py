@@ -173,7 +173,9 @@ def test_bayesian_lora_trains_a_matrices_only_and_merges_the_mean():
     with torch.no_grad():
         got = merged(ids, attention_mask=mask).last_hidden_state
         own = lora(ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(got, mean_out.detach(), atol=1e-5, rtol=1e-5)
+    # merged (W + B A) x against W x + B (A x): rounding apart, which the thread count and
+    # the BLAS kernels move (2.8e-5 seen after other tests); another A is 1e-3 or more apart
+    torch.testing.assert_close(got, mean_out.detach(), atol=1e-4, rtol=1e-4)
     assert (got - own).abs().max() > 1e-3  # the module's own A would have been another model
     # the LoRA model itself still holds its own A: the merge happened on a copy
     assert any("lora_A" in name for name, _ in lora.named_parameters())

@@ -154,7 +154,7 @@ def test_every_kernel_source_ships_in_the_package():
         "package-data"
     ]["tbfunc"]
     needed = {path.name for path in (*_native._SOURCES, *_native._HEADERS)}
-    assert needed == {"_noise.c", "_train.c", "_cephes.h"}
+    assert needed == {"_noise.c", "_train.c", "_cephes.h", "_parts.h"}
     assert needed <= set(shipped)
 
 

@@ -112,9 +112,12 @@ def test_kernel_equals_the_tensor_reference(numels, samples, fold, uniform, seed
 
 
 @needs_kernel
+@pytest.mark.parametrize("route", ["team", "pool"])
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
-def test_any_split_of_the_work_gives_the_same_bits(monkeypatch, threads):
-    """Threads start mid-segment and mid-block: the bits must not move."""
+def test_any_split_of_the_work_gives_the_same_bits(monkeypatch, threads, route):
+    """Threads start mid-segment and mid-block: the bits must not move, on torch's OpenMP
+    team or on tbfunc's pool."""
+    monkeypatch.setenv("TBFUNC_OPENMP", "1" if route == "team" else "0")
     monkeypatch.setattr(_noise, "_PARALLEL_MIN_NUMEL", 1)  # split even tiny draws
     keys = tb.random.split(tb.random.key(3), 3)
     numels = [1, 9, 262, 3]
@@ -128,11 +131,14 @@ def test_any_split_of_the_work_gives_the_same_bits(monkeypatch, threads):
 
 
 @needs_kernel
+@pytest.mark.parametrize("route", ["team", "pool"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [2, 3, 5])
-def test_the_fused_affine_draw_is_the_same_at_every_split(monkeypatch, dtype, threads):
+def test_the_fused_affine_draw_is_the_same_at_every_split(monkeypatch, dtype, threads, route):
     """float32 and float64 draws written by the kernel (mu + sigma * eps, and eps kept) with a
-    thread boundary mid-segment and mid-block equal the one-thread draw bit for bit."""
+    thread boundary mid-segment and mid-block equal the one-thread draw bit for bit, on
+    either route to the threads."""
+    monkeypatch.setenv("TBFUNC_OPENMP", "1" if route == "team" else "0")
     keys = tb.random.split(tb.random.key(6), 3)
     mus = [tb.random.normal(tb.random.key(i), (n,), dtype=dtype) for i, n in enumerate((5, 301))]
     sigmas = [m.abs() + 0.1 for m in mus]
