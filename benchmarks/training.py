@@ -17,6 +17,8 @@ from torch import nn
 import tbfunc as tb
 
 NUM_DATA = 60_000
+POOL_FUSED = "tbfunc nelbo + tb.optim.Adam (fused), tbfunc's thread pool (TBFUNC_OPENMP=0)"
+POOL_VON = "tbfunc VON step, tbfunc's thread pool (TBFUNC_OPENMP=0)"
 RHO = -3.0
 
 
@@ -33,9 +35,11 @@ def contenders(
         "tbfunc nelbo + tb.optim.Adam (fused)": tbfunc_step(
             model, x, y, num_samples, tb.optim.Adam
         ),
+        POOL_FUSED: _on_pool(tbfunc_step(model, x, y, num_samples, tb.optim.Adam)),
     }
     if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
+        runs[POOL_VON] = _on_pool(von_step(model, x, y))
         runs.update(ivon_step(model, x, y))
     runs.update(torchbayesian_step(model, x, y, num_samples))
     runs.update(posteriors_step(model, x, y, num_samples))
@@ -48,6 +52,20 @@ def deterministic(
     """The floor: the base model's own step (no sampling, no KL)."""
     net = copy.deepcopy(model)
     return _adam_step(list(net.parameters()), lambda: F.cross_entropy(net(x), y), optimizer)
+
+
+def _on_pool(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with the kernels' parts on tbfunc's own thread pool instead of torch's OpenMP
+    team: the route before the team (the same results; at one thread, the same calls)."""
+
+    def run() -> object:
+        os.environ["TBFUNC_OPENMP"] = "0"
+        try:
+            return step()
+        finally:
+            del os.environ["TBFUNC_OPENMP"]
+
+    return run
 
 
 def _unfused(step: Callable[[], object]) -> Callable[[], object]:

@@ -9,6 +9,7 @@ import torch
 
 import tbfunc as tb
 from benchmarks import timing
+from benchmarks import training as training_bench
 from benchmarks.__main__ import main
 
 
@@ -39,8 +40,9 @@ def test_quick_scoreboard(tmp_path):
     first = {r["name"]: r for r in saved["runs"][2]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
-    von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == "tbfunc VON step"]
-    assert len(von) == 4 and all(r["error"] is None and r["median_s"] > 0 for r in von)
+    for name in ("tbfunc VON step", training_bench.POOL_VON):
+        von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == name]
+        assert len(von) == 4 and all(r["error"] is None and r["median_s"] > 0 for r in von)
     training = [run for run in saved["runs"] if "training step" in run["title"]]
     assert {run["title"].rsplit(", ", 1)[1] for run in training} == {"1 thread(s)", "2 thread(s)"}
     for run in training:
@@ -49,6 +51,7 @@ def test_quick_scoreboard(tmp_path):
             "tbfunc nelbo + tb.optim.Adam (fused)",
             "tbfunc nelbo + torch Adam, tensor ops (TBFUNC_FUSED=0)",
             "deterministic step, tb.optim.Adam",
+            training_bench.POOL_FUSED,
         ):
             assert rows[name]["error"] is None and rows[name]["median_s"] > 0, name
     text = (tmp_path / "results.md").read_text()
