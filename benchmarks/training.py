@@ -57,26 +57,23 @@ def deterministic(
 def _on_pool(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` with the kernels' parts on tbfunc's own thread pool instead of torch's OpenMP
     team: the route before the team (the same results; at one thread, the same calls)."""
-
-    def run() -> object:
-        os.environ["TBFUNC_OPENMP"] = "0"
-        try:
-            return step()
-        finally:
-            del os.environ["TBFUNC_OPENMP"]
-
-    return run
+    return _with_switch_off("TBFUNC_OPENMP", step)
 
 
 def _unfused(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` with tbfunc's fused route switched off: the tensor-op route it replaced."""
+    return _with_switch_off("TBFUNC_FUSED", step)
+
+
+def _with_switch_off(variable: str, step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` run with the environment switch ``variable=0`` (tbfunc reads it at every call)."""
 
     def run() -> object:
-        os.environ["TBFUNC_FUSED"] = "0"
+        os.environ[variable] = "0"
         try:
             return step()
         finally:
-            del os.environ["TBFUNC_FUSED"]
+            del os.environ[variable]
 
     return run
 

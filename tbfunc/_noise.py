@@ -219,41 +219,15 @@ def _fill_native(
     kind = 0 if dtype == torch.float32 else 1
     total = samples * sum(numels)
 
+    head = (int(uniform), kind, out_table, stride_table)  # tb_fill's arguments before (begin, end)
+    tail: tuple[Any, ...] = (samples, keys.data_ptr(), nodes, hash_table, numel_table)
+    tail += (mu_table, sigma_table, eps_table)
+
     def run(begin: int, end: int) -> None:
-        library.tb_fill(
-            int(uniform),
-            kind,
-            out_table,
-            stride_table,
-            begin,
-            end,
-            samples,
-            keys.data_ptr(),
-            nodes,
-            hash_table,
-            numel_table,
-            mu_table,
-            sigma_table,
-            eps_table,
-        )
+        library.tb_fill(*head, begin, end, *tail)
 
     def team(parts: int) -> None:
-        library.tb_fill_parts(
-            int(uniform),
-            kind,
-            out_table,
-            stride_table,
-            samples,
-            keys.data_ptr(),
-            nodes,
-            hash_table,
-            numel_table,
-            mu_table,
-            sigma_table,
-            eps_table,
-            total,
-            parts,
-        )
+        library.tb_fill_parts(*head, *tail, total, parts)  # (begin, end) -> (total, parts) last
 
     _parallel.split(total, run, _PARALLEL_MIN_NUMEL, team)
 
