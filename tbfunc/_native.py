@@ -55,7 +55,7 @@ _FLAGS = [
     "-fPIC",
     "-shared",
 ]
-# added where torch's OpenMP runtime is one the library can share (``_openmp_flags``)
+# added where torch's OpenMP runtime is one the library can share (``_flag_choices``)
 _OPENMP = "-fopenmp"
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -174,8 +174,8 @@ def _set_part_signatures(library: ctypes.CDLL) -> None:
 
 def team(library: ctypes.CDLL) -> bool:
     """Whether ``library``'s ``*_parts`` functions run on torch's own OpenMP team: the library
-    was built with OpenMP, torch's runtime is the only one in the process (so the library
-    loaded no second one), and this is no forked child. ``TBFUNC_OPENMP=0`` (read at every
+    was built with OpenMP, its OpenMP calls reach torch's runtime (``_shares_openmp``), and
+    this is no forked child. ``TBFUNC_OPENMP=0`` (read at every
     call: the benchmarks compare both) sends the parts to tbfunc's thread pool instead.
 
     A forked child keeps the pool route: GNU OpenMP is not fork-safe, and a child whose parent

@@ -271,3 +271,17 @@ def test_the_timed_von_step_stays_finite_on_every_workload():
         step = training_bench.von_step(model, x, y)
         losses = [float(step().detach()) for _ in range(6)]  # type: ignore[attr-defined]
         assert all(torch.isfinite(torch.tensor(losses))), (name, losses)
+
+
+def test_the_switched_rows_run_the_route_they_name():
+    """The pool rows run with the team off and the tensor-op rows with the fused route off (a
+    switch misspelt would time the default route twice under two names)."""
+    from tbfunc import _fused, _native
+
+    library = _native.kernel()
+    if library is None:
+        return  # no kernels: every route is the tensor-op one
+    assert not training_bench._on_pool(lambda: _native.team(library))()
+    assert not training_bench._unfused(lambda: _fused.eager([torch.zeros(3)]))()
+    assert _fused.eager([torch.zeros(3)])  # and both switches are back on afterwards
+    assert _native.team(library) == _native._shares_openmp(library)

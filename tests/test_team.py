@@ -30,11 +30,34 @@ def test_the_library_shares_torchs_openmp_runtime_where_torch_runs_on_gnus():
     assert library is not None
     assert bool(library.tb_openmp()) == shared
     assert _native.team(library) == shared
-    if shared:
-        assert "-fopenmp" in _native.preferred_flags()
+    if shared:  # the best build first: -march=native kept, OpenMP added
+        assert _native.preferred_flags() == [*_native._FLAGS, "-fopenmp"]
         # no second copy of GNU's runtime under its own name beside torch's
         names = [path for path in _native._openmp_libraries() if path.endswith("/libgomp.so.1")]
         assert names == [_native._openmp_runtime()]
+
+
+def test_other_packages_renamed_openmp_copies_do_not_hide_torchs(monkeypatch):
+    """scikit-learn maps its own ``libgomp-<hash>.so.1`` beside torch's: only the copy under
+    GNU's own name is the one a -fopenmp build is handed, and two of those would be ambiguous."""
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch runs no OpenMP here")
+    torchs = "/site-packages/torch/lib/libgomp.so.1"
+    renamed = "/site-packages/scikit_learn.libs/libgomp-e985bcbb.so.1.0.0"
+    for mapped, expected in (
+        ({torchs, renamed}, torchs),
+        ({renamed}, None),
+        ({torchs, "/usr/lib/x86_64-linux-gnu/libgomp.so.1"}, None),
+    ):
+        monkeypatch.setattr(_native, "_openmp_libraries", lambda mapped=mapped: mapped)
+        _native._openmp_runtime.cache_clear()
+        try:
+            assert _native._openmp_runtime() == expected, mapped
+        finally:
+            monkeypatch.undo()
+            _native._openmp_runtime.cache_clear()
 
 
 def test_openmp_zero_switches_the_team_off(monkeypatch):
