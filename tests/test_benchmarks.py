@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 import tbfunc as tb
@@ -280,7 +281,7 @@ def test_the_switched_rows_run_the_route_they_name():
 
     library = _native.kernel()
     if library is None:
-        return  # no kernels: every route is the tensor-op one
+        pytest.skip("no kernels built: every route is the tensor-op one")
     assert not training_bench._on_pool(lambda: _native.team(library))()
     assert not training_bench._unfused(lambda: _fused.eager([torch.zeros(3)]))()
     assert _fused.eager([torch.zeros(3)])  # and both switches are back on afterwards
