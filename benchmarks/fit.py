@@ -11,6 +11,8 @@ weights. The contenders:
 - Adam (MAP): the deterministic fit, ``torch.optim.Adam`` (lr 1e-3, weight decay 1e-4);
 - tb.optim.VON: one draw per step through ``tb.functional_call``, backward, ``step`` (the
   recommended row's settings, with its cosine schedule);
+- tb.optim.VON, sampled: the same steps with the draw written into the module itself
+  (``with opt.sampled(net, key)``), the module's own forward and backward;
 - tb.nelbo + tb.optim.Adam: Bayes-by-Backprop with one draw, the fused route;
 - IVON (ivon-opt), where installed: its documented loop with the VON row's settings.
 
@@ -103,6 +105,19 @@ def von_fit(x: Tensor, y: Tensor, steps: int) -> None:
         schedule.step()
 
 
+def von_sampled_fit(x: Tensor, y: Tensor, steps: int) -> None:
+    net, _, opt = von(len(x))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for step in range(steps):
+        rows = batch_rows(step, len(x))
+        with opt.sampled(net, tb.random.fold_in(KEY, step)):
+            loss = F.cross_entropy(net(x[rows]), y[rows])
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+
+
 def bbb_fit(x: Tensor, y: Tensor, steps: int) -> None:
     net = model().requires_grad_(False)
     posterior = tb.from_module(net, sigma=1e-3)
@@ -153,6 +168,7 @@ def contenders() -> dict[str, Callable[[Tensor, Tensor, int], None]]:
     runs = {
         "Adam (MAP)": adam_fit,
         "tb.optim.VON": von_fit,
+        "tb.optim.VON, sampled": von_sampled_fit,
         "tb.nelbo + tb.optim.Adam": bbb_fit,
     }
     try:
@@ -193,8 +209,9 @@ def compare(steps: int, rounds: int, threads: int) -> dict[str, tuple[float, flo
 
 def phases(steps: int, threads: int) -> dict[str, dict[str, float]]:
     """Where a step's time goes, per contender: the forward (to the loss), the backward and the
-    update, in ms, medians over ``steps`` steps that alternate between the Adam (MAP) and the
-    VON step, each timed phase by phase (``tb.functional_call`` is VON's forward)."""
+    update, in ms, medians over ``steps`` steps that alternate between the Adam (MAP) step, the
+    VON step through ``tb.functional_call`` and the VON step through ``VON.sampled`` (entering
+    the block counts as its forward, leaving it as its backward), each timed phase by phase."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -208,7 +225,11 @@ def phases(steps: int, threads: int) -> dict[str, dict[str, float]]:
             ),
         }
         optimizers = {"Adam (MAP)": adam(net), "tb.optim.VON": von_opt}
-        times = {name: {"forward": [], "backward": [], "update": []} for name in forwards}
+        drawn, _, drawn_opt = von(len(x))
+        times = {
+            name: {"forward": [], "backward": [], "update": []}
+            for name in (*forwards, "tb.optim.VON, sampled")
+        }
         for step in range(steps):
             rows = batch_rows(step, len(x))
             for name, forward in forwards.items():
@@ -224,6 +245,22 @@ def phases(steps: int, threads: int) -> dict[str, dict[str, float]]:
                 times[name]["forward"].append(split - started)
                 times[name]["backward"].append(stepped - split)
                 times[name]["update"].append(done - stepped)
+            # the sampled route: entering the block counts as forward, leaving it as backward
+            drawn_opt.zero_grad()
+            block = drawn_opt.sampled(drawn, tb.random.fold_in(KEY, step))
+            started = time.perf_counter()
+            block.__enter__()
+            loss = F.cross_entropy(drawn(x[rows]), y[rows])
+            split = time.perf_counter()
+            loss.backward()
+            block.__exit__(None, None, None)
+            stepped = time.perf_counter()
+            drawn_opt.step()
+            done = time.perf_counter()
+            parts = times["tb.optim.VON, sampled"]
+            parts["forward"].append(split - started)
+            parts["backward"].append(stepped - split)
+            parts["update"].append(done - stepped)
     finally:
         torch.set_num_threads(previous)
     skip = min(20, steps // 2)  # the first steps warm the caches and the kernels

@@ -457,15 +457,17 @@ def von_step(
     beta2: float,
     num_data: int,
     clip: float | None,
+    noise: bool = False,
 ) -> None:
     """``tbfunc.optim``'s VON update of every node in place, in one pass: ``tensors`` is
-    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw.
-    Every tensor (``centres`` too) must be contiguous: the kernel reads their addresses."""
+    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw, or
+    with ``noise`` ``(mus, rhos, mu grads, the draw's eps)``. Every tensor (``centres`` too)
+    must be contiguous: the kernel reads their addresses."""
     mus, rhos, grad_mus, grad_rhos = tensors
     tables = [_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs)]
     centre_table = None if centres is None else _addresses(centres)
     delta_table = (ctypes.c_double * len(deltas))(*deltas)
-    hyper = (ctypes.c_double * 7)(
+    hyper = (ctypes.c_double * 8)(
         1 - beta1,
         1 - beta2,
         (1 - beta2) ** 2 / 2,
@@ -473,6 +475,7 @@ def von_step(
         lr,
         float(num_data),
         math.inf if clip is None else clip,
+        float(noise),
     )
     numels = [m.numel() for m in mus]
     library = _library()

@@ -94,6 +94,53 @@ def gaussian_with_noise(
     return outs, noise
 
 
+def gaussian_into(
+    key: Tensor,
+    hashes: list[int],
+    mus: list[Tensor],
+    sigmas: list[Tensor],
+    outs: list[Tensor],
+    noise_outs: list[Tensor],
+) -> None:
+    """One draw ``mu + sigma * eps`` per node written into ``outs`` and its ``eps`` into
+    ``noise_outs`` (tensors shaped like ``mus``, not recorded by autograd): the bits of
+    ``gaussian(key[None], hashes, mus, sigmas)``. The CPU kernel writes them in one pass where
+    it serves (float32/float64, every tensor contiguous); elsewhere the op's noise and the same
+    two roundings in tensor ops. Internal: no argument checks."""
+    keys = key[None]
+    dtype, device = mus[0].dtype, mus[0].device
+    library = _native.kernel() if device.type == "cpu" else None
+    tensors = [*mus, *sigmas, *outs, *noise_outs]
+    if (
+        library is not None
+        and dtype in (torch.float32, torch.float64)
+        and not _recorded(*tensors)
+        and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
+    ):
+        mus = [m.contiguous() for m in mus]
+        _fill_native(
+            library,
+            dtype,
+            [out.data_ptr() for out in outs],
+            keys,
+            hashes,
+            [m.numel() for m in mus],
+            False,
+            mus,
+            sigmas,
+            eps_outs=[eps.data_ptr() for eps in noise_outs],
+        )
+        for tensor in (*outs, *noise_outs):  # written through their pointers
+            torch.autograd.graph.increment_version(tensor)
+        return
+    numels = [mu.numel() for mu in mus]
+    flat = noise(keys, hashes, numels, dtype, device)
+    pieces = flat.split(numels)
+    for mu, sigma, eps, out, kept in zip(mus, sigmas, pieces, outs, noise_outs, strict=True):
+        kept.copy_(eps.view(mu.shape))
+        out.copy_(mu + sigma * kept)
+
+
 def _affine_native(
     library: Any,
     keys: Tensor,

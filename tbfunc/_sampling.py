@@ -301,6 +301,12 @@ def _sample(
     return {key: by_key[key] for key in tree}, kl  # the dict's own order, as optree rebuilds
 
 
+def node_hashes(names: list[str]) -> list[int]:
+    """The hashes that key the nodes at these canonical paths of a dict tree, collisions
+    refused: what ``sample`` folds into the key per node."""
+    return _hashes(names)
+
+
 def _hashes(names: list[str]) -> list[int]:
     """``hash32`` of every path, refusing collisions (two nodes would share their noise)."""
     hashes = [hash32(name) for name in names]

@@ -326,7 +326,9 @@ void tb_adam(int32_t dtype, int64_t nodes, table numels, table params, table gra
  *   h = lerp(h, h_hat, 1 - beta2) + ((1 - beta2)^2 / 2) (h - h_hat)^2 / (h + delta)  (old h);
  *   d = ((mu - centre) delta + gbar / (1 - beta1^t)) / (h + delta), clipped to [-clip, clip];
  *   mu = mu - lr d;  sigma' = 1 / sqrt(N (h + delta));  rho = sigma' + log(-expm1(-sigma')).
- * hyper: 1 - beta1, 1 - beta2, (1 - beta2)^2 / 2, 1 / (1 - beta1^t), lr, N, clip (inf: none). */
+ * hyper: 1 - beta1, 1 - beta2, (1 - beta2)^2 / 2, 1 / (1 - beta1^t), lr, N, clip (inf: none),
+ * and the noise flag: 0 as above; 1 when grad_rhos holds the draw's eps itself (VON.sampled's
+ * route, which computes no rho gradient), so that h_hat = (mu.grad eps) / sigma. */
 
 static inline float log1p32(float t) {
     /* ln(1 + t) for t in [0, 1]: ln(u) t / (u - 1) with u = 1 + t corrects u's rounding */
@@ -373,7 +375,7 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
  * softplus. Each is a short chain of dependent operations, so the out-of-order core overlaps many
  * elements of it; one loop doing all three was bound by the chain's latency (14% slower, the
  * same bits). */
-#define VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, PULL)                                       \
+#define VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, PULL, G_EPS)                                 \
     for (int64_t lo = a; lo < b; lo += CHUNK) {                                                \
         int64_t count = b - lo < CHUNK ? b - lo : CHUNK;                                       \
         T buffer[CHUNK], gate[CHUNK];                                                          \
@@ -381,7 +383,7 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
         for (int64_t i = 0; i < count; i++) {                                                  \
             int64_t k = lo + i;                                                                \
             T sigma = buffer[i];                                                               \
-            T h_hat = (gr[k] / gate[i]) / sigma;                                               \
+            T h_hat = (G_EPS) / sigma;                                                         \
             T g = gm[k], m = gbar[k], old = h[k];                                              \
             m = m + w1 * (g - m);                                                              \
             T gap = old - h_hat;                                                               \
@@ -397,7 +399,8 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
         for (int64_t i = 0; i < count; i++) rho[lo + i] = INVERSE(buffer[i]);                  \
     }
 
-/* one loop with a centre and one without, so that each vectorises; no clip: clip = inf */
+/* a loop per route (rho's gradient or the noise) and centre or none, so that each vectorises;
+ * no clip: clip = inf */
 #define VON(T, SOFTPLUS_GATE, INVERSE, SQRT)                                                   \
     static void von_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,                  \
                         const T *restrict gm, const T *restrict gr, T *restrict gbar,          \
@@ -405,10 +408,14 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
                         const double *hyper) {                                                 \
         T w1 = (T)hyper[0], w2 = (T)hyper[1], correction = (T)hyper[2];                        \
         T bc1 = (T)hyper[3], lr = (T)hyper[4], n = (T)hyper[5], clip = (T)hyper[6];            \
-        if (centre)                                                                            \
-            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k])                       \
+        if (hyper[7] == 0 && centre)                                                           \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], gr[k] / gate[i])      \
+        else if (hyper[7] == 0)                                                                \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], gr[k] / gate[i])                  \
+        else if (centre)                                                                       \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], gm[k] * gr[k])        \
         else                                                                                   \
-            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k])                                   \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], gm[k] * gr[k])                    \
     }
 
 VON(float, softplus_gate32, inverse_softplus32, __builtin_sqrtf)

@@ -31,18 +31,23 @@ stored); ``VON`` is a ``torch.optim.Optimizer`` for imperative loops, which read
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from tbfunc import _fused
+from tbfunc import _fused, _noise
+from tbfunc._boundary import check_matches
 from tbfunc._checks import check_key, check_positive_int, fail
-from tbfunc._sampling import sample_many
+from tbfunc._concurrency import exclusive
+from tbfunc._sampling import canonical, check_finite, node_hashes, sample_many
 from tbfunc._softplus import softplus
+from tbfunc._structure import GENERATION
 from tbfunc.objective import parameters
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior, empirical_prior
@@ -234,6 +239,12 @@ class VON(torch.optim.Optimizer):
                 params.append(tensor.requires_grad_(True))
         defaults = config._asdict()
         super().__init__(params, defaults)
+        self._hashes = node_hashes([canonical(name) for name in self._names])
+        self._noise: list[Tensor] = []  # the last sampled() draw's eps, per node
+        self._saved: list[Tensor] = []  # the module's own values during a sampled() block
+        self._view: list[Any] | None = None
+        self._bound: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+        self._pending: Tensor | None = None  # that draw's key, until step() or zero_grad()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -250,8 +261,9 @@ class VON(torch.optim.Optimizer):
             }
             deltas = _precisions(view, self._prior_mean, self._prior_scale, config)
             mus, rhos = params[0::2], params[1::2]
+            noise = self._pending_noise(mus, rhos)
             for name, mu, rho in zip(self._names, mus, rhos, strict=True):
-                if mu.grad is None or rho.grad is None:
+                if mu.grad is None or (noise is None and rho.grad is None):
                     raise RuntimeError(
                         f"posterior[{name!r}] has no gradient in mu and rho: compute the loss "
                         "through the posterior (tb.functional_call(module, posterior, key, x)) "
@@ -268,11 +280,14 @@ class VON(torch.optim.Optimizer):
                 for name, state in zip(self._names, states, strict=True):
                     h = state["hessian"]
                     _above_precision_floor(h, deltas[name], out=h)
-            if self._fused_step(config, mus, rhos, states, deltas):
+            if self._fused_step(config, mus, rhos, states, deltas, noise):
                 continue
-            rho_grads = [rho.grad for rho in rhos]
-            # d theta / d rho = eps * sigmoid(rho), so rho.grad / sigmoid(rho) = g * eps
-            g_eps = torch._foreach_div(rho_grads, torch._foreach_sigmoid(rhos))
+            if noise is not None:
+                g_eps = torch._foreach_mul([mu.grad for mu in mus], noise)
+            else:
+                rho_grads = [rho.grad for rho in rhos]
+                # d theta / d rho = eps * sigmoid(rho), so rho.grad / sigmoid(rho) = g * eps
+                g_eps = torch._foreach_div(rho_grads, torch._foreach_sigmoid(rhos))
             new_mus, new_rhos, gbars, hs = _step(
                 config,
                 int(states[0]["step"]),
@@ -291,7 +306,135 @@ class VON(torch.optim.Optimizer):
                 mu.copy_(new_mu)
                 rho.copy_(new_rho)
                 state["momentum"], state["hessian"] = gbar, h
+        self._pending = None
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; it also forgets a ``sampled`` draw not yet
+        stepped on (its gradient is gone with the rest)."""
+        super().zero_grad(set_to_none)
+        self._pending = None
+
+    @contextlib.contextmanager
+    def sampled(self, module: nn.Module, key: Tensor) -> Iterator[nn.Module]:
+        """Run ``module`` itself with one draw of the posterior in its parameters: the fast
+        route for a training step (no ``torch.func`` machinery, no autograd through the draw).
+
+        Inside the block the module's parameters named by the posterior hold
+        ``mu + softplus(rho) * eps``, the bits ``tb.sample(posterior, key)`` gives, and require
+        gradients; run the forward and ``loss.backward()`` there. On leaving, the module gets
+        its own values, ``requires_grad`` flags and ``.grad`` back, each ``mu.grad`` gains the
+        weight gradient ``g`` (accumulated, as autograd would), and ``step()`` takes
+        ``g * eps`` from the draw's noise, kept here, instead of ``rho.grad``, which stays as it
+        was (``None`` after ``zero_grad()``). The step equals the ``tb.functional_call`` route's
+        to rounding. Micro-batches of one draw may run several blocks with the same key before
+        ``step()``; a different key before ``step()`` is refused (the first draw's noise would
+        be lost). Unlike ``tb.functional_call`` the forward is the module's own call: dropout
+        and batch-norm layers in training mode act as they do without tbfunc (on the global
+        RNG, updating their statistics). The module is held for the block (one thread at a
+        time, as every tbfunc call that runs it); another thread that calls it directly sees
+        the drawn weights. Backward must run inside the block: the restored weights are not
+        the ones the forward used.
+
+        Example:
+            >>> import torch, torch.nn.functional as F, tbfunc as tb
+            >>> net = torch.nn.Linear(3, 2).requires_grad_(False)
+            >>> post = tb.from_module(net)
+            >>> opt = tb.optim.VON(post, lr=0.1, num_data=100)
+            >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+            >>> with opt.sampled(net, tb.random.key(0)):
+            ...     F.cross_entropy(net(x), y).backward()
+            >>> opt.step(); opt.zero_grad()
+        """
+        if not isinstance(module, nn.Module):
+            fail("module", "an nn.Module", module, error=TypeError)
+        key = check_key(key)
+        if self._pending is not None and not torch.equal(key, self._pending):
+            raise ValueError(
+                "VON.sampled: a second draw with another key before step(): the first draw's "
+                "noise would be lost. Call step() (or zero_grad()) after each draw; micro-batches "
+                "of one draw pass the same key."
+            )
+        params = self.param_groups[0]["params"]
+        mus, rhos = params[0::2], params[1::2]
+        view = {name: node for name, node in zip(self._names, self._nodes(mus, rhos), strict=True)}
+        with exclusive(module):
+            weights, pins = self._bind(module, view)
+            check_finite(list(view.values()), self._names, list(range(len(view))))
+            self._saved = _buffers(self._saved, weights)
+            self._noise = _buffers(self._noise, mus)
+            flags = [w.requires_grad for w in weights]
+            grads = [w.grad for w in weights]
+            with torch.no_grad():
+                torch._foreach_copy_(self._saved, weights)
+                sigmas = [softplus(rho) for rho in rhos]
+                _noise.gaussian_into(key, self._hashes, mus, sigmas, weights, self._noise)
+                for i, layer in pins:  # rows tb.functional_call keeps at the module's value
+                    if layer.padding_idx is not None:
+                        weights[i][layer.padding_idx] = self._saved[i][layer.padding_idx]
+            for w in weights:
+                w.grad = None
+                w.requires_grad_(True)
+            try:
+                yield module
+            finally:
+                found = [w.grad for w in weights]
+                with torch.no_grad():
+                    torch._foreach_copy_(weights, self._saved)
+                for w, flag, grad in zip(weights, flags, grads, strict=True):
+                    w.grad = grad
+                    w.requires_grad_(flag)
+            for mu, g in zip(mus, found, strict=True):
+                if g is None:
+                    continue
+                if mu.grad is None:
+                    mu.grad = g
+                else:
+                    mu.grad.add_(g)
+            self._pending = key.clone()
+
+    def _nodes(self, mus: list[Tensor], rhos: list[Tensor]) -> list[Any]:
+        """The posterior's nodes over the optimizer's tensors, built once per tensor set."""
+        seen = self._view
+        if seen is None or any(
+            n.mu is not m or n.rho is not r for n, m, r in zip(seen, mus, rhos, strict=True)
+        ):
+            seen = [f(m, r) for f, m, r in zip(self._families, mus, rhos, strict=True)]
+            self._view = seen
+        return seen
+
+    def _bind(self, module: nn.Module, view: dict[str, Any]) -> tuple[list[Tensor], list]:
+        """The module's parameter per node and its embedding layers with a padding row, kept
+        while ``check_matches`` keeps its answer and the module's structure is unchanged."""
+        names = check_matches(module, view)
+        kept = self._bound.get(module)
+        if kept is not None and kept[0] is names and kept[1] == GENERATION[0]:
+            return kept[2], kept[3]
+        own = dict(module.named_parameters(remove_duplicate=False))
+        weights: list[Tensor] = [own[names[name]] for name in self._names]
+        pins = []
+        for i, name in enumerate(self._names):
+            actual = names[name]
+            if actual.endswith("weight"):
+                layer = module.get_submodule(actual.rpartition(".")[0])
+                if isinstance(layer, nn.Embedding | nn.EmbeddingBag):
+                    pins.append((i, layer))
+        self._bound[module] = (names, GENERATION[0], weights, pins)
+        return weights, pins
+
+    def _pending_noise(self, mus: list[Tensor], rhos: list[Tensor]) -> list[Tensor] | None:
+        """The eps of the draw ``sampled`` left for this step, or None (the rho.grad route)."""
+        if self._pending is None:
+            return None
+        mixed = [name for name, rho in zip(self._names, rhos, strict=True) if rho.grad is not None]
+        if mixed:
+            raise RuntimeError(
+                f"VON.step: posterior[{mixed[0]!r}] has a rho gradient and a sampled() draw is "
+                "pending: one step takes one route. Compute the loss either inside "
+                "opt.sampled(module, key) or through tb.functional_call, and call zero_grad() "
+                "between steps."
+            )
+        return self._noise
 
     def _fused_step(
         self,
@@ -300,10 +443,12 @@ class VON(torch.optim.Optimizer):
         rhos: list[Tensor],
         states: list[dict[str, Tensor]],
         deltas: dict[str, float | Tensor],
+        noise: list[Tensor] | None,
     ) -> bool:
         """The update by one C pass (``_fused.von_step``), where it serves: CPU float32/float64
-        tensors of one dtype, contiguous, with a scalar prior precision per node."""
-        grads = [t.grad for t in (*mus, *rhos)]
+        tensors of one dtype, contiguous, with a scalar prior precision per node. ``noise``:
+        the pending ``sampled`` draw's eps, read in place of the rho gradients."""
+        grads = [t.grad for t in mus] + ([t.grad for t in rhos] if noise is None else noise)
         gbars = [state["momentum"] for state in states]
         hs = [state["hessian"] for state in states]
         centres = None if self._prior_mean is None else [self._prior_mean[n] for n in self._names]
@@ -326,6 +471,7 @@ class VON(torch.optim.Optimizer):
             beta2=config.beta2,
             num_data=config.num_data,
             clip=config.clip,
+            noise=noise is not None,
         )
         return True
 
@@ -541,6 +687,18 @@ def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:
         for name, value in drawn.items()
         if name in posterior and isinstance(posterior[name], GAUSSIAN_FAMILIES)
     }
+
+
+def _buffers(kept: list[Tensor], like: list[Tensor]) -> list[Tensor]:
+    """``VON.sampled``'s scratch tensors, contiguous, one shaped like each of ``like``: the
+    last ones again when they still fit (no allocation per step)."""
+    fits = len(kept) == len(like) and all(
+        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device
+        for k, t in zip(kept, like, strict=True)
+    )
+    if fits:
+        return kept
+    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
 
 
 def _gaussian_nodes(posterior: Any) -> dict[str, Any]:
