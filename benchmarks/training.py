@@ -39,6 +39,7 @@ def contenders(
     }
     if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
+        runs["tbfunc VON step, sampled"] = von_step(model, x, y, sampled=True)
         runs[POOL_VON] = _on_pool(von_step(model, x, y))
         runs.update(ivon_step(model, x, y))
     runs.update(torchbayesian_step(model, x, y, num_samples))
@@ -128,20 +129,30 @@ def breakdown(
     return {name: value / steps for name, value in totals.items()}
 
 
-def von_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
-    """``tb.optim.VON``: one draw through ``tb.functional_call``, backward, one VON update."""
+def von_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, sampled: bool = False
+) -> Callable[[], object]:
+    """``tb.optim.VON``: one draw through ``tb.functional_call``, backward, one VON update;
+    with ``sampled`` the draw written into a copy of the module (``VON.sampled``) and the
+    module's own forward and backward."""
     posterior = tb.from_module(model, rho=RHO)
     # the recipe's clip (examples/recipes.py): unclipped, the first steps on the W2 CNN, while h
     # is still the guess, diverge within four steps (loss 4.8, 1.3e4, 4e19, then an infinite rho)
     opt = tb.optim.VON(posterior, lr=0.1, num_data=NUM_DATA, clip=1.0)
     counter = iter(range(10**9))
     key = tb.random.key(0)
+    net = copy.deepcopy(model).requires_grad_(False) if sampled else model
 
     def step() -> object:
-        out = tb.functional_call(model, posterior, tb.random.fold_in(key, next(counter)), x)
-        value = F.cross_entropy(out, y)
+        step_key = tb.random.fold_in(key, next(counter))
         opt.zero_grad()
-        value.backward()
+        if sampled:
+            with opt.sampled(net, step_key):
+                value = F.cross_entropy(net(x), y)
+                value.backward()
+        else:
+            value = F.cross_entropy(tb.functional_call(model, posterior, step_key, x), y)
+            value.backward()
         opt.step()
         return value
 
