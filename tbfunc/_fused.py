@@ -457,17 +457,19 @@ def von_step(
     beta2: float,
     num_data: int,
     clip: float | None,
-    noise: bool = False,
+    sigmas: list[Tensor] | None = None,
 ) -> None:
     """``tbfunc.optim``'s VON update of every node in place, in one pass: ``tensors`` is
-    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw, or
-    with ``noise`` ``(mus, rhos, mu grads, the draw's eps)``. Every tensor (``centres`` too)
+    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw. With
+    ``sigmas`` (``VON.sampled``'s route) it is ``(mus, rhos, mu grads, the draw's eps)``,
+    ``sigmas`` the draw's sigma, overwritten with the new one. Every tensor (``centres`` too)
     must be contiguous: the kernel reads their addresses."""
     mus, rhos, grad_mus, grad_rhos = tensors
     tables = [_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs)]
     centre_table = None if centres is None else _addresses(centres)
+    sigma_table = None if sigmas is None else _addresses(sigmas)
     delta_table = (ctypes.c_double * len(deltas))(*deltas)
-    hyper = (ctypes.c_double * 8)(
+    hyper = (ctypes.c_double * 7)(
         1 - beta1,
         1 - beta2,
         (1 - beta2) ** 2 / 2,
@@ -475,12 +477,12 @@ def von_step(
         lr,
         float(num_data),
         math.inf if clip is None else clip,
-        float(noise),
     )
     numels = [m.numel() for m in mus]
     library = _library()
-    _over_threads(library.tb_von, mus[0].dtype, numels, *tables, centre_table, delta_table, hyper)
-    _written(mus, rhos, gbars, hs)
+    extra = (centre_table, sigma_table, delta_table, hyper)
+    _over_threads(library.tb_von, mus[0].dtype, numels, *tables, *extra)
+    _written(mus, rhos, gbars, hs, sigmas or [])
 
 
 def _written(*groups: list[Tensor]) -> None:

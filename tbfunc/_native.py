@@ -147,7 +147,7 @@ def _load(path: Path) -> ctypes.CDLL | None:
         *(_I32, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64)
     ]
     library.tb_adam.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
-    library.tb_von.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
+    library.tb_von.argtypes = [_I32, _I64, *([_P] * 11), _I64, _I64]
     for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam", "tb_von"):
         getattr(library, name).restype = None
     if hasattr(library, "tb_finite"):  # optional: benchmarks.kernel_ab loads older builds

@@ -326,9 +326,7 @@ void tb_adam(int32_t dtype, int64_t nodes, table numels, table params, table gra
  *   h = lerp(h, h_hat, 1 - beta2) + ((1 - beta2)^2 / 2) (h - h_hat)^2 / (h + delta)  (old h);
  *   d = ((mu - centre) delta + gbar / (1 - beta1^t)) / (h + delta), clipped to [-clip, clip];
  *   mu = mu - lr d;  sigma' = 1 / sqrt(N (h + delta));  rho = sigma' + log(-expm1(-sigma')).
- * hyper: 1 - beta1, 1 - beta2, (1 - beta2)^2 / 2, 1 / (1 - beta1^t), lr, N, clip (inf: none),
- * and the noise flag: 0 as above; 1 when grad_rhos holds the draw's eps itself (VON.sampled's
- * route, which computes no rho gradient), so that h_hat = (mu.grad eps) / sigma. */
+ * hyper: 1 - beta1, 1 - beta2, (1 - beta2)^2 / 2, 1 / (1 - beta1^t), lr, N, clip (inf: none). */
 
 static inline float log1p32(float t) {
     /* ln(1 + t) for t in [0, 1]: ln(u) t / (u - 1) with u = 1 + t corrects u's rounding */
@@ -374,16 +372,22 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
 /* Three loops per block of CHUNK elements: softplus with sigmoid, the update, then the inverse
  * softplus. Each is a short chain of dependent operations, so the out-of-order core overlaps many
  * elements of it; one loop doing all three was bound by the chain's latency (14% slower, the
- * same bits). */
-#define VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, PULL, G_EPS)                                 \
+ * same bits). NOISE (a constant per instance) is VON.sampled's route: sigma is read from the
+ * draw's (sig) instead of softplus(rho), h_hat is g eps / sigma, and the new sigma is written
+ * back to sig for the next draw. */
+#define VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, PULL, NOISE)                                 \
     for (int64_t lo = a; lo < b; lo += CHUNK) {                                                \
         int64_t count = b - lo < CHUNK ? b - lo : CHUNK;                                       \
         T buffer[CHUNK], gate[CHUNK];                                                          \
-        for (int64_t i = 0; i < count; i++) buffer[i] = SOFTPLUS_GATE(rho[lo + i], gate + i);  \
+        if (NOISE)                                                                             \
+            for (int64_t i = 0; i < count; i++) buffer[i] = sig[lo + i];                       \
+        else                                                                                   \
+            for (int64_t i = 0; i < count; i++)                                                \
+                buffer[i] = SOFTPLUS_GATE(rho[lo + i], gate + i);                              \
         for (int64_t i = 0; i < count; i++) {                                                  \
             int64_t k = lo + i;                                                                \
             T sigma = buffer[i];                                                               \
-            T h_hat = (G_EPS) / sigma;                                                         \
+            T h_hat = ((NOISE) ? gm[k] * gr[k] : gr[k] / gate[i]) / sigma;                     \
             T g = gm[k], m = gbar[k], old = h[k];                                              \
             m = m + w1 * (g - m);                                                              \
             T gap = old - h_hat;                                                               \
@@ -397,42 +401,48 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
             buffer[i] = (T)1 / SQRT(precision * n); /* the new sigma */                        \
         }                                                                                      \
         for (int64_t i = 0; i < count; i++) rho[lo + i] = INVERSE(buffer[i]);                  \
+        if (NOISE)                                                                             \
+            for (int64_t i = 0; i < count; i++) sig[lo + i] = buffer[i];                       \
     }
 
-/* a loop per route (rho's gradient or the noise) and centre or none, so that each vectorises;
- * no clip: clip = inf */
+/* a loop per route (rho's gradient, or the noise with sig) and centre or none, so that each
+ * vectorises; no clip: clip = inf */
 #define VON(T, SOFTPLUS_GATE, INVERSE, SQRT)                                                   \
     static void von_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,                  \
                         const T *restrict gm, const T *restrict gr, T *restrict gbar,          \
-                        T *restrict h, const T *restrict centre, T delta,                      \
+                        T *restrict h, const T *restrict centre, T *restrict sig, T delta,     \
                         const double *hyper) {                                                 \
         T w1 = (T)hyper[0], w2 = (T)hyper[1], correction = (T)hyper[2];                        \
         T bc1 = (T)hyper[3], lr = (T)hyper[4], n = (T)hyper[5], clip = (T)hyper[6];            \
-        if (hyper[7] == 0 && centre)                                                           \
-            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], gr[k] / gate[i])      \
-        else if (hyper[7] == 0)                                                                \
-            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], gr[k] / gate[i])                  \
+        if (!sig && centre)                                                                    \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], 0)                    \
+        else if (!sig)                                                                         \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], 0)                                \
         else if (centre)                                                                       \
-            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], gm[k] * gr[k])        \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], 1)                    \
         else                                                                                   \
-            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], gm[k] * gr[k])                    \
+            VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], 1)                                \
     }
 
 VON(float, softplus_gate32, inverse_softplus32, __builtin_sqrtf)
 VON(double, softplus_gate64, inverse_softplus64, sqrt)
 
+/* sigmas: NULL, or VON.sampled's route: grad_rhos holds the draw's eps and sigmas[l] its sigma
+ * (read, then overwritten with the new sigma) */
 void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, table grad_mus,
-            table grad_rhos, table gbars, table hs, table centres, const double *deltas,
-            const double *hyper, int64_t begin, int64_t end) {
+            table grad_rhos, table gbars, table hs, table centres, table sigmas,
+            const double *deltas, const double *hyper, int64_t begin, int64_t end) {
     FOR_NODES(nodes, numels, begin, end, {
         if (dtype == 0)
             von_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grad_mus[l],
                       (const float *)grad_rhos[l], (float *)gbars[l], (float *)hs[l],
-                      centres ? (const float *)centres[l] : 0, (float)deltas[l], hyper);
+                      centres ? (const float *)centres[l] : 0,
+                      sigmas ? (float *)sigmas[l] : 0, (float)deltas[l], hyper);
         else
             von_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grad_mus[l],
                        (const double *)grad_rhos[l], (double *)gbars[l], (double *)hs[l],
-                       centres ? (const double *)centres[l] : 0, deltas[l], hyper);
+                       centres ? (const double *)centres[l] : 0,
+                       sigmas ? (double *)sigmas[l] : 0, deltas[l], hyper);
     });
 }
 
@@ -509,10 +519,11 @@ void tb_adam_parts(int32_t dtype, int64_t nodes, table numels, table params, tab
 
 void tb_von_parts(int32_t dtype, int64_t nodes, table numels, table mus, table rhos,
                   table grad_mus, table grad_rhos, table gbars, table hs, table centres,
-                  const double *deltas, const double *hyper, int64_t total, int64_t parts) {
+                  table sigmas, const double *deltas, const double *hyper, int64_t total,
+                  int64_t parts) {
     OVER_PARTS(total, parts,
                tb_von(dtype, nodes, numels, mus, rhos, grad_mus, grad_rhos, gbars, hs, centres,
-                      deltas, hyper, begin, end));
+                      sigmas, deltas, hyper, begin, end));
 }
 
 void tb_finite_parts(int64_t nodes, table kinds, table numels, table values, int64_t total,

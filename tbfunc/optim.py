@@ -245,6 +245,9 @@ class VON(torch.optim.Optimizer):
         self._view: list[Any] | None = None
         self._bound: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._pending: Tensor | None = None  # that draw's key, until step() or zero_grad()
+        # the rho versions that state["sigma"] belongs to: the sigma the last sampled() step
+        # wrote, valid while nothing has written rho since (else None)
+        self._sigma_versions: list[int] | None = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -270,7 +273,7 @@ class VON(torch.optim.Optimizer):
                         "and call loss.backward() before step()."
                     )
                 state = self.state[mu]
-                if not state:
+                if "step" not in state:  # sampled() may have kept a sigma here first
                     state["step"] = torch.zeros((), dtype=torch.int64)
                     state["momentum"] = torch.zeros_like(mu)
                     state["hessian"] = torch.full_like(mu, config.hess_init)
@@ -280,7 +283,9 @@ class VON(torch.optim.Optimizer):
                 for name, state in zip(self._names, states, strict=True):
                     h = state["hessian"]
                     _above_precision_floor(h, deltas[name], out=h)
-            if self._fused_step(config, mus, rhos, states, deltas, noise):
+            sigmas = None if noise is None else [state["sigma"] for state in states]
+            if self._fused_step(config, mus, rhos, states, deltas, noise, sigmas):
+                self._sigma_versions = None if noise is None else _versions(rhos)
                 continue
             if noise is not None:
                 g_eps = torch._foreach_mul([mu.grad for mu in mus], noise)
@@ -292,7 +297,8 @@ class VON(torch.optim.Optimizer):
                 config,
                 int(states[0]["step"]),
                 mus,
-                [softplus(rho) for rho in rhos],  # the draw's sigma, bit for bit
+                # the draw's sigma, bit for bit
+                sigmas if sigmas is not None else [softplus(rho) for rho in rhos],
                 [mu.grad for mu in mus],
                 g_eps,
                 [state["momentum"] for state in states],
@@ -321,8 +327,15 @@ class VON(torch.optim.Optimizer):
         route for a training step (no ``torch.func`` machinery, no autograd through the draw).
 
         Inside the block the module's parameters named by the posterior hold
-        ``mu + softplus(rho) * eps``, the bits ``tb.sample(posterior, key)`` gives, and require
-        gradients; run the forward and ``loss.backward()`` there. On leaving, the module gets
+        ``mu + sigma * eps`` and require gradients; run the forward and ``loss.backward()``
+        there. ``eps`` is ``tb.sample(posterior, key)``'s noise. ``sigma`` is ``softplus(rho)``
+        on a first draw (the bits of ``tb.sample``), and after a step of this route the sigma
+        that step computed, ``1 / sqrt(N (h + delta))``, whose inverse softplus it wrote to
+        ``rho`` (``softplus(rho)`` gives it back to an ulp or two). Keeping it saves a softplus
+        over every weight in the draw and in the step; any write to ``rho`` since (in place,
+        ``load_state_dict``, the other route's step) makes the next draw use ``softplus(rho)``
+        again. A write through ``rho.data`` is not seen: autograd's version counter, which
+        tells, skips it. On leaving, the module gets
         its own values, ``requires_grad`` flags and ``.grad`` back, each ``mu.grad`` gains the
         weight gradient ``g`` (accumulated, as autograd would), and ``step()`` takes
         ``g * eps`` from the draw's noise, kept here, instead of ``rho.grad``, which stays as it
@@ -367,7 +380,7 @@ class VON(torch.optim.Optimizer):
             grads = [w.grad for w in weights]
             with torch.no_grad():
                 torch._foreach_copy_(self._saved, weights)
-                sigmas = [softplus(rho) for rho in rhos]
+                sigmas = self._draw_sigmas(mus, rhos)
                 _noise.gaussian_into(key, self._hashes, mus, sigmas, weights, self._noise)
                 for i, layer in pins:  # rows tb.functional_call keeps at the module's value
                     if layer.padding_idx is not None:
@@ -392,6 +405,39 @@ class VON(torch.optim.Optimizer):
                 else:
                     mu.grad.add_(g)
             self._pending = key.clone()
+
+    def _draw_sigmas(self, mus: list[Tensor], rhos: list[Tensor]) -> list[Tensor]:
+        """The draw's sigma per node, kept in ``state["sigma"]``: the one the last step wrote
+        while ``rho`` is as that step left it (that step's ``1 / sqrt(N (h + delta))``, of which
+        ``rho`` is the inverse softplus, so ``softplus(rho)`` would give it back to an ulp or
+        two); else ``softplus(rho)``, ``tb.sample``'s own."""
+        states = [self.state[mu] for mu in mus]
+        if self._sigma_versions == _versions(rhos) and all("sigma" in st for st in states):
+            return [st["sigma"] for st in states]
+        for state, rho in zip(states, rhos, strict=True):
+            state["sigma"] = softplus(rho).contiguous()
+        self._sigma_versions = _versions(rhos)
+        return [st["sigma"] for st in states]
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``; a kept sigma (``sampled``) only while it is
+        the posterior's, so that a restart draws what the run would have drawn."""
+        saved = super().state_dict()
+        rhos = self.param_groups[0]["params"][1::2]
+        if self._sigma_versions != _versions(rhos):
+            saved["state"] = {
+                index: {k: v for k, v in state.items() if k != "sigma"}
+                for index, state in saved["state"].items()
+            }
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``; a sigma in it belongs to the posterior
+        as it is now (load the posterior's tensors first, as for any optimizer)."""
+        super().load_state_dict(state_dict)
+        params = self.param_groups[0]["params"]
+        kept = all("sigma" in self.state[mu] for mu in params[0::2])
+        self._sigma_versions = _versions(params[1::2]) if kept else None
 
     def _nodes(self, mus: list[Tensor], rhos: list[Tensor]) -> list[Any]:
         """The posterior's nodes over the optimizer's tensors, built once per tensor set."""
@@ -444,15 +490,17 @@ class VON(torch.optim.Optimizer):
         states: list[dict[str, Tensor]],
         deltas: dict[str, float | Tensor],
         noise: list[Tensor] | None,
+        sigmas: list[Tensor] | None,
     ) -> bool:
         """The update by one C pass (``_fused.von_step``), where it serves: CPU float32/float64
-        tensors of one dtype, contiguous, with a scalar prior precision per node. ``noise``:
-        the pending ``sampled`` draw's eps, read in place of the rho gradients."""
+        tensors of one dtype, contiguous, with a scalar prior precision per node. ``noise`` and
+        ``sigmas``: the pending ``sampled`` draw's eps and sigma, read in place of the rho
+        gradients and ``softplus(rho)``; the kernel writes the new sigma to ``sigmas``."""
         grads = [t.grad for t in mus] + ([t.grad for t in rhos] if noise is None else noise)
         gbars = [state["momentum"] for state in states]
         hs = [state["hessian"] for state in states]
         centres = None if self._prior_mean is None else [self._prior_mean[n] for n in self._names]
-        tensors = [*mus, *rhos, *grads, *gbars, *hs, *(centres or [])]
+        tensors = [*mus, *rhos, *grads, *gbars, *hs, *(centres or []), *(sigmas or [])]
         precisions = [deltas[n] for n in self._names]
         if not _fused.eager(tensors) or not all(t.is_contiguous() for t in tensors):  # type: ignore[arg-type,union-attr]
             return False
@@ -471,7 +519,7 @@ class VON(torch.optim.Optimizer):
             beta2=config.beta2,
             num_data=config.num_data,
             clip=config.clip,
-            noise=noise is not None,
+            sigmas=sigmas,
         )
         return True
 
@@ -687,6 +735,10 @@ def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:
         for name, value in drawn.items()
         if name in posterior and isinstance(posterior[name], GAUSSIAN_FAMILIES)
     }
+
+
+def _versions(tensors: list[Tensor]) -> list[int]:
+    return [t._version for t in tensors]
 
 
 def _buffers(kept: list[Tensor], like: list[Tensor]) -> list[Tensor]:
