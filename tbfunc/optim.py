@@ -26,7 +26,8 @@ The result is an ordinary tbfunc posterior tree (``predict``, ``save``, ``Poster
 work on it). ``von`` is functional (optax-like ``init``/``update``; the eps of step 1 is drawn
 again from the step's key, since tbfunc's noise is a pure function of the key: nothing is
 stored); ``VON`` is a ``torch.optim.Optimizer`` for imperative loops, which reads ``g`` from
-``mu.grad`` and ``g * eps`` from ``rho.grad`` (``d theta / d rho = eps * sigmoid(rho)``).
+``mu.grad`` and ``g * eps`` from ``rho.grad`` (``d theta / d rho = eps * sigmoid(rho)``), or,
+after ``VON.sampled``, ``g * eps`` from the draw's noise it kept.
 """
 
 from __future__ import annotations
@@ -192,7 +193,8 @@ class VON(torch.optim.Optimizer):
 
     The loss must be the data term only, computed through the posterior with one draw, so that
     ``mu.grad = g`` and ``rho.grad = g * eps * sigmoid(rho)``; the prior enters as
-    ``weight_decay``. ``step()`` then updates ``mu`` and ``rho`` in place (the tree stays
+    ``weight_decay``. ``sampled(module, key)`` is the faster route to the same step: the draw
+    goes into the module itself, and the step reads ``g * eps`` from the noise it kept. ``step()`` then updates ``mu`` and ``rho`` in place (the tree stays
     usable with ``predict``/``save``). ``state_dict``/``load_state_dict`` checkpoint it.
 
     Example:
