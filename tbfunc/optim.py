@@ -194,8 +194,9 @@ class VON(torch.optim.Optimizer):
     The loss must be the data term only, computed through the posterior with one draw, so that
     ``mu.grad = g`` and ``rho.grad = g * eps * sigmoid(rho)``; the prior enters as
     ``weight_decay``. ``sampled(module, key)`` is the faster route to the same step: the draw
-    goes into the module itself, and the step reads ``g * eps`` from the noise it kept. ``step()`` then updates ``mu`` and ``rho`` in place (the tree stays
-    usable with ``predict``/``save``). ``state_dict``/``load_state_dict`` checkpoint it.
+    goes into the module itself, and the step reads ``g * eps`` from the noise it kept.
+    ``step()`` then updates ``mu`` and ``rho`` in place (the tree stays usable with
+    ``predict``/``save``). ``state_dict``/``load_state_dict`` checkpoint it.
 
     Example:
         >>> import torch, torch.nn.functional as F, tbfunc as tb
