@@ -117,19 +117,7 @@ def gaussian_into(
         and not _recorded(*tensors)
         and all(t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors)
     ):
-        mus = [m.contiguous() for m in mus]
-        _fill_native(
-            library,
-            dtype,
-            [out.data_ptr() for out in outs],
-            keys,
-            hashes,
-            [m.numel() for m in mus],
-            False,
-            mus,
-            sigmas,
-            eps_outs=[eps.data_ptr() for eps in noise_outs],
-        )
+        _affine_into(library, keys, hashes, mus, sigmas, outs, noise_outs)
         for tensor in (*outs, *noise_outs):  # written through their pointers
             torch.autograd.graph.increment_version(tensor)
         return
@@ -157,9 +145,24 @@ def _affine_native(
     sigmas = [s.contiguous() for s in sigmas]
     outs = [torch.empty(count, *m.shape, dtype=dtype) for m in mus]
     noise = [torch.empty(count, *m.shape, dtype=dtype) for m in mus] if keep_noise else None
+    _affine_into(library, keys, hashes, mus, sigmas, outs, noise)
+    return outs, noise
+
+
+def _affine_into(
+    library: Any,
+    keys: Tensor,
+    hashes: list[int] | None,
+    mus: list[Tensor],
+    sigmas: list[Tensor],
+    outs: list[Tensor],
+    noise: list[Tensor] | None,
+) -> None:
+    """The kernel's ``mu + sigma * eps`` into ``outs`` (and ``eps`` into ``noise``), every
+    tensor contiguous and of one dtype: their addresses are what the kernel reads."""
     _fill_native(
         library,
-        dtype,
+        mus[0].dtype,
         [out.data_ptr() for out in outs],
         keys,
         hashes,
@@ -169,7 +172,6 @@ def _affine_native(
         sigmas,
         eps_outs=None if noise is None else [eps.data_ptr() for eps in noise],
     )
-    return outs, noise
 
 
 def _samples(keys: Tensor, hashes: list[int] | None, numels: list[int]) -> int:

@@ -37,6 +37,28 @@ def mlp(sizes=(5, 16, 3), seed: int = 0) -> nn.Module:
     return seeded(build, seed).eval()
 
 
+def assert_restart_is_bit_identical(post, make_optimizer, run, steps: int) -> None:
+    """``run(post, opt, start)`` for ``steps`` steps twice over, uninterrupted and through a
+    checkpoint (``tb.state_dict`` and ``opt.state_dict`` saved and loaded into a new posterior
+    and optimizer): the two posteriors must agree bit for bit."""
+    import io
+
+    opt = make_optimizer(post)
+    run(post, opt, 0)
+    buffer = io.BytesIO()
+    torch.save({"posterior": tb.state_dict(post), "optimizer": opt.state_dict()}, buffer)
+    run(post, opt, steps)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)
+    again = tb.from_state_dict(saved["posterior"])
+    opt2 = make_optimizer(again)
+    opt2.load_state_dict(saved["optimizer"])
+    run(again, opt2, steps)
+    for name in post:
+        assert torch.equal(post[name].mu, again[name].mu)
+        assert torch.equal(post[name].rho, again[name].rho)
+
+
 def torchbayesian_twin(module: nn.Module, posterior: dict, prior: tuple | None = None):
     """torchbayesian 0.2.1's BayesianModule over a copy of ``module``, with our mu and rho."""
     import copy

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tbfunc as tb
-from helpers import data, mlp, seeded
+from helpers import assert_restart_is_bit_identical, data, mlp, seeded
 
 N, D, NOISE, DELTA = 200, 3, 0.5, 1e-2
 
@@ -158,20 +158,8 @@ def test_optimizer_checkpoint_restart_is_bit_identical():
             opt.zero_grad()
 
     post = tb.from_module(net, sigma=0.05)
-    opt = tb.optim.VON(post, lr=0.05, num_data=100)
-    run(post, opt, 0)
-    buffer = io.BytesIO()
-    torch.save({"posterior": tb.state_dict(post), "optimizer": opt.state_dict()}, buffer)
-    run(post, opt, 4)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    again = tb.from_state_dict(saved["posterior"])
-    opt2 = tb.optim.VON(again, lr=0.05, num_data=100)
-    opt2.load_state_dict(saved["optimizer"])
-    run(again, opt2, 4)
-    for name in post:
-        assert torch.equal(post[name].mu, again[name].mu)
-        assert torch.equal(post[name].rho, again[name].rho)
+    make = lambda p: tb.optim.VON(p, lr=0.05, num_data=100)  # noqa: E731
+    assert_restart_is_bit_identical(post, make, run, 4)
 
 
 def test_weight_decay_pulls_towards_the_prior_mean_from_either_side():

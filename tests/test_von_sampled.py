@@ -8,15 +8,13 @@ the curvature estimate move ``sigma`` visibly, so a wrong ``h_hat`` cannot hide.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import tbfunc as tb
-from helpers import data, mlp, seeded
+from helpers import assert_restart_is_bit_identical, data, mlp, seeded
 from tbfunc import _native
 
 OPTIONS = {"lr": 0.1, "num_data": 100, "beta2": 0.5, "hess_init": 0.3}
@@ -50,6 +48,8 @@ def _both_routes(dtype, steps=4, **options):
     reference = tb.from_module(net, sigma=0.05)
     fast = _twin(reference)
     settings = {**OPTIONS, **options}
+    if settings.get("prior_mean") == "start":  # a centre near the start: the centred loops
+        settings["prior_mean"] = {name: node.mu.detach() + 0.1 for name, node in fast.items()}
     opt_ref, opt_fast = tb.optim.VON(reference, **settings), tb.optim.VON(fast, **settings)
     for step in range(steps):
         key = tb.random.key(step)
@@ -71,12 +71,16 @@ def _both_routes(dtype, steps=4, **options):
     "dtype, tolerance", [(torch.float32, 5e-6), (torch.float64, 1e-14)], ids=["fp32", "fp64"]
 )
 @pytest.mark.parametrize("route", ["kernel", "tensor ops"])
-def test_steps_equal_the_functional_call_route(monkeypatch, dtype, tolerance, route):
+@pytest.mark.parametrize(
+    "options", [{}, {"prior_mean": "start", "clip": 0.05}], ids=["plain", "centred+clip"]
+)
+def test_steps_equal_the_functional_call_route(monkeypatch, dtype, tolerance, route, options):
     # catches: h_hat from the wrong tensor (rho's stale gradient, the noise of another draw),
-    # eps and g multiplied in the wrong place, the noise flag ignored by either step route
+    # eps and g multiplied in the wrong place, the noise route ignored by either step route or
+    # by one of the kernel's loops (centred or not)
     if route == "tensor ops":
         monkeypatch.setenv("TBFUNC_FUSED", "0")
-    reference, fast = _both_routes(dtype)
+    reference, fast = _both_routes(dtype, **options)
     mu_gap, rho_gap = _closeness(reference, fast)
     assert mu_gap < tolerance and rho_gap < tolerance
     # the steps moved sigma: a route that ignored the curvature would stand out
@@ -228,20 +232,7 @@ def test_checkpoint_restart_is_bit_identical():
             opt.zero_grad()
 
     post = tb.from_module(net, sigma=0.05)
-    opt = tb.optim.VON(post, **OPTIONS)
-    run(post, opt, 0)
-    buffer = io.BytesIO()
-    torch.save({"posterior": tb.state_dict(post), "optimizer": opt.state_dict()}, buffer)
-    run(post, opt, 3)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
-    again = tb.from_state_dict(saved["posterior"])
-    opt2 = tb.optim.VON(again, **OPTIONS)
-    opt2.load_state_dict(saved["optimizer"])
-    run(again, opt2, 3)
-    for name in post:
-        assert torch.equal(post[name].mu, again[name].mu)
-        assert torch.equal(post[name].rho, again[name].rho)
+    assert_restart_is_bit_identical(post, lambda p: tb.optim.VON(p, **OPTIONS), run, 3)
 
 
 def test_bad_input_is_refused_with_the_argument_named():
@@ -297,9 +288,9 @@ def test_two_threads_training_on_one_module_each_see_only_their_own_draw():
         for name in expected:
             assert torch.equal(expected[name].mu, got[name].mu)
             assert torch.equal(expected[name].rho, got[name].rho)
-    own = _setup()[0]
-    for (name, weight), (_, original) in zip(net.named_parameters(), own.named_parameters()):
-        assert torch.equal(weight, original), name
+    own = dict(_setup()[0].named_parameters())
+    for name, weight in net.named_parameters():
+        assert torch.equal(weight, own[name]), name
 
 
 def test_after_a_step_the_draw_takes_the_steps_sigma_until_rho_is_written():
