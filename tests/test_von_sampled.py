@@ -328,3 +328,23 @@ def test_after_a_step_the_draw_takes_the_steps_sigma_until_rho_is_written():
     with opt.sampled(net, key):
         for name, weight in net.named_parameters():
             assert torch.equal(weight, expected[name])
+
+
+def test_a_compiled_module_trains_as_the_eager_one():
+    # catches: a compiled forward that keeps the weights it saw at compile time instead of
+    # reading the draw written into the parameters
+    net, x, y = _setup()
+    eager_post = tb.from_module(net, sigma=0.05)
+    compiled_post = _twin(eager_post)
+    eager_opt = tb.optim.VON(eager_post, **OPTIONS)
+    compiled_opt = tb.optim.VON(compiled_post, **OPTIONS)
+    compiled = torch.compile(net)
+    for step in range(3):
+        key = tb.random.key(step)
+        for module, opt in ((compiled, compiled_opt), (net, eager_opt)):
+            with opt.sampled(module, key):
+                F.cross_entropy(module(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert max(_closeness(eager_post, compiled_post)) < 1e-5
+    assert min(_closeness(tb.from_module(net, sigma=0.05), compiled_post)) > 1e-3
