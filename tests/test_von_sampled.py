@@ -72,7 +72,9 @@ def _both_routes(dtype, steps=4, **options):
 )
 @pytest.mark.parametrize("route", ["kernel", "tensor ops"])
 @pytest.mark.parametrize(
-    "options", [{}, {"prior_mean": "start", "clip": 0.05}], ids=["plain", "centred+clip"]
+    "options",
+    [{}, {"prior_mean": "start", "clip": 0.05}, {"prior_scale": "layer"}],
+    ids=["plain", "centred+clip", "learned scale"],
 )
 def test_steps_equal_the_functional_call_route(monkeypatch, dtype, tolerance, route, options):
     # catches: h_hat from the wrong tensor (rho's stale gradient, the noise of another draw),
