@@ -272,8 +272,9 @@ class VON(torch.optim.Optimizer):
                 if mu.grad is None or (noise is None and rho.grad is None):
                     raise RuntimeError(
                         f"posterior[{name!r}] has no gradient in mu and rho: compute the loss "
-                        "through the posterior (tb.functional_call(module, posterior, key, x)) "
-                        "and call loss.backward() before step()."
+                        "through the posterior (tb.functional_call(module, posterior, key, x), "
+                        "or the module itself inside opt.sampled(module, key)) and call "
+                        "loss.backward() before step()."
                     )
                 state = self.state[mu]
                 if "step" not in state:  # sampled() may have kept a sigma here first
@@ -331,26 +332,28 @@ class VON(torch.optim.Optimizer):
 
         Inside the block the module's parameters named by the posterior hold
         ``mu + sigma * eps`` and require gradients; run the forward and ``loss.backward()``
-        there. ``eps`` is ``tb.sample(posterior, key)``'s noise. ``sigma`` is ``softplus(rho)``
-        on a first draw (the bits of ``tb.sample``), and after a step of this route the sigma
-        that step computed, ``1 / sqrt(N (h + delta))``, whose inverse softplus it wrote to
+        there (the restored weights are not the ones the forward used). On leaving, the module
+        gets its own values, ``requires_grad`` flags and ``.grad`` back, and each ``mu.grad``
+        gains the weight gradient ``g`` (accumulated, as autograd would). ``step()`` then takes
+        ``g * eps`` from the draw's noise, kept here, instead of ``rho.grad``, which stays as
+        it was (``None`` after ``zero_grad()``). The step equals the ``tb.functional_call``
+        route's to rounding.
+
+        ``eps`` is ``tb.sample(posterior, key)``'s noise. ``sigma`` is ``softplus(rho)`` on a
+        first draw (the bits of ``tb.sample``); after a step of this route it is the sigma that
+        step computed, ``1 / sqrt(N (h + delta))``, whose inverse softplus the step wrote to
         ``rho`` (``softplus(rho)`` gives it back to an ulp or two). Keeping it saves a softplus
-        over every weight in the draw and in the step; any write to ``rho`` since (in place,
-        ``load_state_dict``, the other route's step) makes the next draw use ``softplus(rho)``
-        again. A write through ``rho.data`` is not seen: autograd's version counter, which
-        tells, skips it. On leaving, the module gets
-        its own values, ``requires_grad`` flags and ``.grad`` back, each ``mu.grad`` gains the
-        weight gradient ``g`` (accumulated, as autograd would), and ``step()`` takes
-        ``g * eps`` from the draw's noise, kept here, instead of ``rho.grad``, which stays as it
-        was (``None`` after ``zero_grad()``). The step equals the ``tb.functional_call`` route's
-        to rounding. Micro-batches of one draw may run several blocks with the same key before
-        ``step()``; a different key before ``step()`` is refused (the first draw's noise would
-        be lost). Unlike ``tb.functional_call`` the forward is the module's own call: dropout
-        and batch-norm layers in training mode act as they do without tbfunc (on the global
-        RNG, updating their statistics). The module is held for the block (one thread at a
-        time, as every tbfunc call that runs it); another thread that calls it directly sees
-        the drawn weights. Backward must run inside the block: the restored weights are not
-        the ones the forward used.
+        over every weight in the draw and in the step. Any write to ``rho`` since (in place,
+        ``load_state_dict``, a step of the other route) brings ``softplus(rho)`` back; a write
+        through ``rho.data`` is not seen, since autograd's version counter skips it.
+
+        Micro-batches of one draw may run several blocks with the same key before ``step()``;
+        another key before ``step()`` is refused (the first draw's noise would be lost). The
+        forward is the module's own call, so dropout and batch-norm layers in training mode act
+        as they do without tbfunc (on the global RNG, updating their statistics), where
+        ``tb.functional_call`` refuses them. The module is held for the block (one thread at a
+        time, as for every tbfunc call that runs it); another thread that calls it directly
+        sees the drawn weights.
 
         Example:
             >>> import torch, torch.nn.functional as F, tbfunc as tb

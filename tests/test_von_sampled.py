@@ -166,6 +166,10 @@ def test_one_step_takes_one_route():
         F.cross_entropy(net(x), y).backward()
     with pytest.raises(RuntimeError, match=r"has a rho gradient and a sampled\(\) draw"):
         opt.step()
+    opt.zero_grad()
+    _enter(opt, net, tb.random.key(2))  # a block without a backward: nothing to step on
+    with pytest.raises(RuntimeError, match=r"has no gradient in mu and rho.*opt\.sampled"):
+        opt.step()
 
 
 def test_an_error_inside_the_block_restores_the_module_and_leaves_no_gradient():
