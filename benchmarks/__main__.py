@@ -218,7 +218,12 @@ def _training(report, model, x, y, steps, threads, title, args, device) -> str:
         )
         parts = training.breakdown(model, x, y, steps)
         line = ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
-        return f"{section}\n\ntbfunc nelbo + tb.optim.Adam, ms per step (profiler): {line}"
+        text = f"{section}\n\ntbfunc nelbo + tb.optim.Adam, ms per step (profiler): {line}"
+        if steps == 1:  # VON draws one sample per step
+            phases = training.von_breakdown(model, x, y)
+            line = ", ".join(f"{name} {value:.2f}" for name, value in phases.items())
+            text += f"\n\ntbfunc VON step, sampled, ms per step (timed phases): {line}"
+        return text
     finally:
         torch.set_num_threads(before)
 

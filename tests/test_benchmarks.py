@@ -41,7 +41,7 @@ def test_quick_scoreboard(tmp_path):
     first = {r["name"]: r for r in saved["runs"][2]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
-    for name in ("tbfunc VON step", training_bench.POOL_VON):
+    for name in ("tbfunc VON step", "tbfunc VON step, sampled", training_bench.POOL_VON):
         von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == name]
         assert len(von) == 4 and all(r["error"] is None and r["median_s"] > 0 for r in von)
     training = [run for run in saved["runs"] if "training step" in run["title"]]
@@ -57,6 +57,8 @@ def test_quick_scoreboard(tmp_path):
             assert rows[name]["error"] is None and rows[name]["median_s"] > 0, name
     text = (tmp_path / "results.md").read_text()
     assert text.count("tbfunc nelbo + tb.optim.Adam, ms per step (profiler): draw + KL ") == 8
+    phases = "tbfunc VON step, sampled, ms per step (timed phases): draw into the module "
+    assert text.count(phases) == 4  # the 1-sample tables
     assert "| W1 MLP 784-512-512-10, S=2 |" in text  # the sharded-predict scaling table
     assert "| tb.predict |" in text
     # W1 (an MLP) is timed, W2 (convolutions) is a loop without timing
@@ -233,6 +235,24 @@ def test_fit_benchmark_phases_time_each_part_of_both_steps(monkeypatch):
         assert parts[name]["update"] >= 20
         assert parts[name]["forward"] < 20 and parts[name]["backward"] < 20
     assert all(parts["Adam (MAP)"][p] < 20 for p in ("forward", "backward", "update"))
+
+
+def test_the_von_breakdown_times_each_phase_around_its_own_call(monkeypatch):
+    """A VON update made slow shows in "update" only; the other phases stay small."""
+    from benchmarks import workloads
+
+    real_step = tb.optim.VON.step
+
+    def slow_step(self, closure=None):
+        time.sleep(0.02)
+        return real_step(self, closure)
+
+    monkeypatch.setattr(tb.optim.VON, "step", slow_step)
+    model, x, y = workloads.instantiate(workloads.WORKLOADS["W1"], torch.device("cpu"), batch=8)
+    parts = training_bench.von_breakdown(model, x, y, steps=3)
+    assert list(parts) == ["draw into the module", "forward/backward", "restore", "update"]
+    assert parts["update"] >= 20
+    assert all(0 < parts[p] < 20 for p in ("draw into the module", "forward/backward", "restore"))
 
 
 def test_fit_benchmark_runs_the_recommended_recipes_settings():
