@@ -352,3 +352,36 @@ def _raiser(error: Exception) -> Callable[[], object]:
         raise error
 
     return run
+
+
+def main(argv: list[str] | None = None) -> str:
+    """``python -m benchmarks.training [--workloads W1,W4] [--threads 1,2] [--steps 10]``: the
+    VON step's timed phases alone (the training section prints the same line per table)."""
+    import argparse
+
+    from benchmarks import workloads
+
+    parser = argparse.ArgumentParser(description="the VON step through VON.sampled, by phase")
+    parser.add_argument("--workloads", default="W1,W4")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    lines = []
+    before = torch.get_num_threads()
+    try:
+        for threads in map(int, args.threads.split(",")):
+            torch.set_num_threads(threads)
+            for name in args.workloads.split(","):
+                model, x, y = workloads.instantiate(workloads.WORKLOADS[name], torch.device("cpu"))
+                parts = von_breakdown(model, x, y, args.steps)
+                cells = ", ".join(f"{phase} {ms:.2f}" for phase, ms in parts.items())
+                lines.append(f"{name}, {threads} thread(s), ms per step: {cells}")
+    finally:
+        torch.set_num_threads(before)
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

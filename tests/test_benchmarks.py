@@ -253,6 +253,8 @@ def test_the_von_breakdown_times_each_phase_around_its_own_call(monkeypatch):
     assert list(parts) == ["draw into the module", "forward/backward", "restore", "update"]
     assert parts["update"] >= 20
     assert all(0 < parts[p] < 20 for p in ("draw into the module", "forward/backward", "restore"))
+    text = training_bench.main(["--workloads", "W1", "--threads", "1", "--steps", "1"])
+    assert text.startswith("W1, 1 thread(s), ms per step: draw into the module ")
 
 
 def test_fit_benchmark_runs_the_recommended_recipes_settings():
