@@ -277,16 +277,26 @@ def pin_fixed_rows(module: nn.Module, names: dict[str, str], weights: dict[str, 
     """
     out = weights
     for name, actual in names.items():
-        if not actual.endswith("weight"):  # before the submodule look-up: this runs every call
+        found = padding_row(module, actual)
+        if found is None:
             continue
-        layer = owner(module, actual)
-        if not isinstance(layer, nn.Embedding | nn.EmbeddingBag) or layer.padding_idx is None:
-            continue
-        fixed = layer.weight.detach()[layer.padding_idx]
-        rows = torch.arange(layer.weight.shape[0], device=fixed.device) == layer.padding_idx
+        layer, index = found
+        fixed = layer.weight.detach()[index]
+        rows = torch.arange(layer.weight.shape[0], device=fixed.device) == index
         out = dict(out) if out is weights else out
         out[name] = torch.where(rows[:, None], fixed, weights[name])
     return out
+
+
+def padding_row(module: nn.Module, name: str) -> tuple[nn.Embedding | nn.EmbeddingBag, int] | None:
+    """The embedding whose weight is at ``name`` and the row it keeps fixed (its
+    ``padding_idx``, read at every call: it can change), or None."""
+    if not name.endswith("weight"):  # before the submodule look-up: this runs every call
+        return None
+    layer = owner(module, name)
+    if not isinstance(layer, nn.Embedding | nn.EmbeddingBag) or layer.padding_idx is None:
+        return None
+    return layer, layer.padding_idx
 
 
 @contextlib.contextmanager

@@ -142,7 +142,7 @@ def _layout(paths: list[Any]) -> _Layout:
     names = [canonical(".".join(str(part) for part in path)) for path in paths]
     # a lone node at the root is drawn with the keys themselves, every other node with
     # fold_in(key, hash32(path)); colliding hashes are refused (the layout is not kept)
-    return _Layout(paths, names, None if paths == [()] else _hashes(names))
+    return _Layout(paths, names, None if paths == [()] else node_hashes(names))
 
 
 def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
@@ -302,13 +302,8 @@ def _sample(
 
 
 def node_hashes(names: list[str]) -> list[int]:
-    """The hashes that key the nodes at these canonical paths of a dict tree, collisions
-    refused: what ``sample`` folds into the key per node."""
-    return _hashes(names)
-
-
-def _hashes(names: list[str]) -> list[int]:
-    """``hash32`` of every path, refusing collisions (two nodes would share their noise)."""
+    """``hash32`` of every canonical path, refusing collisions (two nodes would share their
+    noise): what ``sample`` folds into the key per node."""
     hashes = [hash32(name) for name in names]
     if len(set(hashes)) != len(hashes):
         _raise_collision(names, hashes)

@@ -46,6 +46,7 @@ from tbfunc import _fused, _noise
 from tbfunc._boundary import check_matches
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._concurrency import exclusive
+from tbfunc._forward import padding_row
 from tbfunc._sampling import canonical, check_finite, node_hashes, sample_many
 from tbfunc._softplus import softplus
 from tbfunc._structure import GENERATION
@@ -261,12 +262,9 @@ class VON(torch.optim.Optimizer):
         for group in self.param_groups:
             config = _Config(**{field: group[field] for field in _Config._fields})
             params = group["params"]
-            view = {
-                name: family(params[2 * i], params[2 * i + 1])
-                for i, (name, family) in enumerate(zip(self._names, self._families, strict=True))
-            }
-            deltas = _precisions(view, self._prior_mean, self._prior_scale, config)
             mus, rhos = params[0::2], params[1::2]
+            view = dict(zip(self._names, self._nodes(mus, rhos), strict=True))
+            deltas = _precisions(view, self._prior_mean, self._prior_scale, config)
             noise = self._pending_noise(mus, rhos)
             for name, mu, rho in zip(self._names, mus, rhos, strict=True):
                 if mu.grad is None or (noise is None and rho.grad is None):
@@ -376,9 +374,9 @@ class VON(torch.optim.Optimizer):
             )
         params = self.param_groups[0]["params"]
         mus, rhos = params[0::2], params[1::2]
-        view = {name: node for name, node in zip(self._names, self._nodes(mus, rhos), strict=True)}
+        view = dict(zip(self._names, self._nodes(mus, rhos), strict=True))
         with exclusive(module):
-            weights, pins = self._bind(module, view)
+            names, weights = self._bind(module, view)
             check_finite(list(view.values()), self._names, list(range(len(view))))
             self._saved = _buffers(self._saved, weights)
             self._noise = _buffers(self._noise, mus)
@@ -388,9 +386,10 @@ class VON(torch.optim.Optimizer):
                 torch._foreach_copy_(self._saved, weights)
                 sigmas = self._draw_sigmas(mus, rhos)
                 _noise.gaussian_into(key, self._hashes, mus, sigmas, weights, self._noise)
-                for i, layer in pins:  # rows tb.functional_call keeps at the module's value
-                    if layer.padding_idx is not None:
-                        weights[i][layer.padding_idx] = self._saved[i][layer.padding_idx]
+                for i, name in enumerate(self._names):  # rows tb.functional_call keeps
+                    padded = padding_row(module, names[name])
+                    if padded is not None:
+                        weights[i][padded[1]] = self._saved[i][padded[1]]
             for w in weights:
                 w.grad = None
                 w.requires_grad_(True)
@@ -455,24 +454,17 @@ class VON(torch.optim.Optimizer):
             self._view = seen
         return seen
 
-    def _bind(self, module: nn.Module, view: dict[str, Any]) -> tuple[list[Tensor], list]:
-        """The module's parameter per node and its embedding layers with a padding row, kept
+    def _bind(self, module: nn.Module, view: dict[str, Any]) -> tuple[dict[str, str], list[Tensor]]:
+        """``check_matches``'s names and the module's parameter per node, the parameters kept
         while ``check_matches`` keeps its answer and the module's structure is unchanged."""
         names = check_matches(module, view)
         kept = self._bound.get(module)
         if kept is not None and kept[0] is names and kept[1] == GENERATION[0]:
-            return kept[2], kept[3]
+            return names, kept[2]
         own = dict(module.named_parameters(remove_duplicate=False))
         weights: list[Tensor] = [own[names[name]] for name in self._names]
-        pins = []
-        for i, name in enumerate(self._names):
-            actual = names[name]
-            if actual.endswith("weight"):
-                layer = module.get_submodule(actual.rpartition(".")[0])
-                if isinstance(layer, nn.Embedding | nn.EmbeddingBag):
-                    pins.append((i, layer))
-        self._bound[module] = (names, GENERATION[0], weights, pins)
-        return weights, pins
+        self._bound[module] = (names, GENERATION[0], weights)
+        return names, weights
 
     def _pending_noise(self, mus: list[Tensor], rhos: list[Tensor]) -> list[Tensor] | None:
         """The eps of the draw ``sampled`` left for this step, or None (the rho.grad route)."""
