@@ -237,6 +237,27 @@ def test_fit_benchmark_phases_time_each_part_of_both_steps(monkeypatch):
     assert all(parts["Adam (MAP)"][p] < 20 for p in ("forward", "backward", "update"))
 
 
+def test_the_sampled_von_row_runs_the_sampled_route(monkeypatch):
+    """ "tbfunc VON step, sampled" enters VON.sampled once a step; the other VON row never."""
+    from benchmarks import workloads
+
+    calls = []
+    real = tb.optim.VON.sampled
+
+    def counted(self, module, key):
+        calls.append(module)
+        return real(self, module, key)
+
+    monkeypatch.setattr(tb.optim.VON, "sampled", counted)
+    model, x, y = workloads.instantiate(workloads.WORKLOADS["W1"], torch.device("cpu"), batch=8)
+    training_bench.von_step(model, x, y)()
+    assert calls == []
+    step = training_bench.von_step(model, x, y, sampled=True)
+    step()
+    step()
+    assert len(calls) == 2 and calls[0] is not model  # a copy: the other rows' model untouched
+
+
 def test_the_von_breakdown_times_each_phase_around_its_own_call(monkeypatch):
     """A VON update made slow shows in "update" only; the other phases stay small."""
     from benchmarks import workloads
