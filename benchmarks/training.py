@@ -20,6 +20,7 @@ NUM_DATA = 60_000
 POOL_FUSED = "tbfunc nelbo + tb.optim.Adam (fused), tbfunc's thread pool (TBFUNC_OPENMP=0)"
 POOL_VON = "tbfunc VON step, tbfunc's thread pool (TBFUNC_OPENMP=0)"
 RHO = -3.0
+SAMPLED = "tbfunc tb.optim.sampled + tb.optim.Adam (fused)"
 
 
 def contenders(
@@ -36,6 +37,7 @@ def contenders(
             model, x, y, num_samples, tb.optim.Adam
         ),
         POOL_FUSED: _on_pool(tbfunc_step(model, x, y, num_samples, tb.optim.Adam)),
+        SAMPLED: sampled_step(model, x, y, num_samples),
     }
     if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
@@ -104,6 +106,34 @@ def tbfunc_step(
         )
 
     return _adam_step(tb.parameters(posterior), loss, optimizer)
+
+
+def sampled_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+) -> Callable[[], object]:
+    """Bayes-by-Backprop through the module itself: ``num_samples`` blocks of
+    ``tb.optim.sampled`` (the draw written into a copy of the module, its own forward and
+    backward, the nelbo gradient in one pass on leaving), then ``tb.optim.Adam``: the same
+    gradient as ``nelbo(..., num_samples=num_samples)`` with the same keys."""
+    posterior = tb.from_module(model, rho=RHO)
+    opt = tb.optim.Adam(posterior, lr=1e-4)
+    counter = iter(range(10**9))
+    key = tb.random.key(0)
+    net = copy.deepcopy(model).requires_grad_(False)
+
+    def step() -> object:
+        step_key = tb.random.fold_in(key, next(counter))
+        opt.zero_grad()
+        for draw_key in tb.random.split(step_key, num_samples):
+            with tb.optim.sampled(
+                net, posterior, draw_key, num_data=NUM_DATA, num_samples=num_samples
+            ):
+                value = F.cross_entropy(net(x), y)
+                value.backward()
+        opt.step()
+        return value
+
+    return step
 
 
 def breakdown(

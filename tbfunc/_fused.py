@@ -39,6 +39,7 @@ __all__ = [
     "draw",
     "eager",
     "gaussian_kl",
+    "posterior_grads",
     "prior_terms",
     "trainable",
     "von_step",
@@ -228,7 +229,32 @@ class _Draw(torch.autograd.Function):
         return (None,) * 5 + (*grad_mus, *grad_rhos)
 
 
-KLPart = tuple[Tensor, list[Tensor], list[Tensor], list[PriorTerms]]
+KLPart = tuple[Tensor | float, list[Tensor], list[Tensor], list[PriorTerms]]
+
+
+def posterior_grads(
+    grads: list[Tensor],
+    noise: list[Tensor],
+    mus: list[Tensor],
+    rhos: list[Tensor],
+    sigmas: list[Tensor],
+    priors: list[PriorTerms],
+    kl_scale: float,
+    outs: tuple[list[Tensor], list[Tensor]],
+) -> None:
+    """The gradients to every ``mu`` and ``rho`` of ``sum <g, mu + sigma * eps> + kl_scale *
+    KL``, for one draw's weight gradients ``grads`` and noise ``noise`` (shaped like ``mus``,
+    contiguous): one kernel pass, ``d/d mu = g + kl_scale (mu - m) / s^2`` and ``d/d rho =
+    g eps sigmoid(rho)`` plus the KL's, written to ``outs`` (``mu``'s, ``rho``'s; contiguous,
+    ``mu``'s may be ``grads`` themselves). ``sigmas`` are ``softplus(rho)``."""
+    _draw_grad(
+        [g.view(1, *g.shape) for g in grads],
+        [e.view(1, *e.shape) for e in noise],
+        rhos,
+        (kl_scale, mus, sigmas, priors),
+        outs,
+    )
+    _written(*outs)
 
 
 def _draw_grad_ops(
@@ -241,24 +267,34 @@ def _draw_grad_ops(
     ]
     if kl is not None:
         grad_kl, mus, sigmas, priors = kl
-        kl_mus, kl_rhos = _kl_grad_ops(grad_kl, mus, rhos, sigmas, priors)
+        kl_mus, kl_rhos = _kl_grad_ops(torch.as_tensor(grad_kl), mus, rhos, sigmas, priors)
         grad_mus = [a + b for a, b in zip(grad_mus, kl_mus, strict=True)]
         grad_rhos = [a + b for a, b in zip(grad_rhos, kl_rhos, strict=True)]
     return grad_mus, grad_rhos
 
 
 def _draw_grad(
-    grads: list[Tensor], noise: list[Tensor], rhos: list[Tensor], kl: KLPart | None
+    grads: list[Tensor],
+    noise: list[Tensor],
+    rhos: list[Tensor],
+    kl: KLPart | None,
+    into: tuple[list[Tensor], list[Tensor]] | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """The gradients to every ``mu`` and ``rho`` by one kernel pass; without a KL and with one
-    draw, ``mu``'s gradient is the weight gradient itself (no pass)."""
+    """The gradients to every ``mu`` and ``rho`` by one kernel pass, into new tensors or
+    ``into`` (contiguous, shaped like ``rhos``; an out may be the weight gradient itself: the
+    pass reads each element before writing it); without a KL and with one draw, ``mu``'s
+    gradient is the weight gradient itself (no pass)."""
     samples = grads[0].shape[0]
     numels = [r.numel() for r in rhos]
-    grad_rhos = [torch.empty_like(r) for r in rhos]
     alone = kl is None and samples == 1
-    grad_mus = [
-        g.view(r.shape) if alone else torch.empty_like(r) for g, r in zip(grads, rhos, strict=True)
-    ]
+    if into is not None:
+        grad_mus, grad_rhos = into
+    else:
+        grad_rhos = [torch.empty_like(r) for r in rhos]
+        grad_mus = [
+            g.view(r.shape) if alone else torch.empty_like(r)
+            for g, r in zip(grads, rhos, strict=True)
+        ]
     tables = [_addresses(t) for t in (grads, noise, rhos)]
     outs = [_addresses([None] * len(rhos) if alone else grad_mus), _addresses(grad_rhos)]
     if kl is None:

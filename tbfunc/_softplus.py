@@ -34,9 +34,16 @@ GRAIN = 32768  # at::internal::GRAIN_SIZE: below it ATen runs an elementwise op 
 STEP = 64  # a multiple of every vectorised loop's step (two AVX-512 vectors of float32)
 
 
-def softplus(rho: Tensor) -> Tensor:
+def softplus(rho: Tensor, *, out: Tensor | None = None) -> Tensor:
     """``F.softplus(rho)`` (beta 1, threshold 20), the same bits at every thread count, with
-    ``F.softplus``'s gradient."""
+    ``F.softplus``'s gradient. ``out``: a contiguous tensor like ``rho`` to write the values
+    into instead of a new one (no gradient: under ``torch.no_grad()``), so that a caller that
+    takes softplus every step does not pay for fresh memory every step."""
+    if out is not None:
+        torch._C._nn.softplus(rho.detach(), 1, 20, out=out)  # type: ignore[call-arg]
+        if rho.numel() >= GRAIN and torch.get_num_threads() > 1 and _plain(rho):
+            _windows(rho.detach().contiguous().view(-1), out.view(-1))
+        return out
     if rho.numel() < GRAIN or torch.get_num_threads() == 1 or not _plain(rho):
         return F.softplus(rho)
     if torch.is_grad_enabled() and rho.requires_grad:
@@ -59,7 +66,12 @@ def _plain(rho: Tensor) -> bool:
 
 def _invariant(rho: Tensor) -> Tensor:
     flat = rho.detach().contiguous().view(-1)
-    out = F.softplus(flat)
+    return _windows(flat, F.softplus(flat)).view(rho.shape)
+
+
+def _windows(flat: Tensor, out: Tensor) -> Tensor:
+    """``out = F.softplus(flat)`` (flat, computed in parallel) with the elements that may have
+    taken the other loop computed again serially (the module docstring)."""
     n = flat.numel()
     # the tensor's end: one thread runs its last n mod step elements in the scalar loop, while
     # a part that began off a multiple of the step runs others there
@@ -73,7 +85,7 @@ def _invariant(rho: Tensor) -> Tensor:
         else:  # 2 x STEP elements from a multiple of STEP: all in the vectorised loop
             out[start:end] = F.softplus(flat[start:end])
     out[last:] = F.softplus(flat[last:])  # from a multiple of STEP: one thread's tail
-    return out.view(rho.shape)
+    return out
 
 
 class _Softplus(torch.autograd.Function):

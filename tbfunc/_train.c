@@ -41,16 +41,18 @@
 
 typedef const int64_t *table; /* per node: an address or a count */
 
+/* One division per element, not one per side of the select: a vectorised select computes both
+ * sides, and divisions bound these loops. */
 static inline float sigmoid32(float r) {
     float t = exp32(-__builtin_fabsf(r));
-    float d = 1.0f + t;
-    return r >= 0.0f ? 1.0f / d : t / d;
+    float inv = 1.0f / (1.0f + t);
+    return r >= 0.0f ? inv : t * inv;
 }
 
 static inline double sigmoid64(double r) {
     double t = exp(-fabs(r));
-    double d = 1.0 + t;
-    return r >= 0.0 ? 1.0 / d : t / d;
+    double inv = 1.0 / (1.0 + t);
+    return r >= 0.0 ? inv : t * inv;
 }
 
 /* Runs the block given (with l, a, b in scope) for the part [a, b) of node l that lies in [begin, end). */
@@ -80,10 +82,10 @@ static inline double sigmoid64(double r) {
     {                                                                                         \
         T sig = SIGMOID(rho[K]);                                                              \
         T mean = MEAN, scale = SCALE;                                                         \
-        T variance = scale * scale;                                                           \
+        T precision = (T)1 / (scale * scale); /* hoisted out of the loop for a scalar scale */   \
         T dlog = rho[K] < (T)SMALL_RHO ? (T)1 : sig / sigma[K];                               \
-        gm[K] = (G) + c * (mu[K] - mean) / variance;                                          \
-        gr[K] = ((GE) + c * sigma[K] / variance) * sig - c * dlog;                            \
+        gm[K] = (G) + c * (mu[K] - mean) * precision;                                         \
+        gr[K] = ((GE) + c * sigma[K] * precision) * sig - c * dlog;                           \
     }
 
 #define DRAW_FINISH(T, SIGMOID, MEAN, SCALE)                                                   \
@@ -340,15 +342,15 @@ static inline float log1p32(float t) {
  * the bits of sigmoid32 (sigmoid64), the same operations on the same t. */
 static inline float softplus_gate32(float r, float *gate) {
     float t = exp32(-__builtin_fabsf(r));
-    float d = 1.0f + t;
-    *gate = r >= 0.0f ? 1.0f / d : t / d;
+    float inv = 1.0f / (1.0f + t);
+    *gate = r >= 0.0f ? inv : t * inv;
     return (r > 0.0f ? r : 0.0f) + log1p32(t);
 }
 
 static inline double softplus_gate64(double r, double *gate) {
     double t = exp(-fabs(r));
-    double d = 1.0 + t;
-    *gate = r >= 0.0 ? 1.0 / d : t / d;
+    double inv = 1.0 / (1.0 + t);
+    *gate = r >= 0.0 ? inv : t * inv;
     return (r > 0.0 ? r : 0.0) + log1p(t);
 }
 

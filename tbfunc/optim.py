@@ -33,8 +33,8 @@ after ``VON.sampled``, ``g * eps`` from the draw's noise it kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
@@ -42,19 +42,17 @@ import optree
 import torch
 from torch import Tensor, nn
 
-from tbfunc import _fused, _noise
-from tbfunc._boundary import check_matches
+from tbfunc import _fused, _sampled
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._concurrency import exclusive
-from tbfunc._forward import padding_row
-from tbfunc._sampling import canonical, check_finite, node_hashes, sample_many
+from tbfunc._sampling import canonical, node_hashes, sample_many
 from tbfunc._softplus import softplus
-from tbfunc._structure import GENERATION
+from tbfunc.kl import closed_form_kl, has_closed_form, kernel_priors, kl_from_draws
 from tbfunc.objective import parameters
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
 from tbfunc.prior import GaussianPrior, empirical_prior
 
-__all__ = ["VON", "Adam", "VONState", "von"]
+__all__ = ["VON", "Adam", "VONState", "sampled", "von"]
 
 LearningRate = float | Callable[[int], float]
 PriorScale = Literal["fixed", "node", "layer"]
@@ -244,10 +242,10 @@ class VON(torch.optim.Optimizer):
         defaults = config._asdict()
         super().__init__(params, defaults)
         self._hashes = node_hashes([canonical(name) for name in self._names])
-        self._noise: list[Tensor] = []  # the last sampled() draw's eps, per node
-        self._saved: list[Tensor] = []  # the module's own values during a sampled() block
+        # sampled()'s scratch: the module's own values during a block, and the last draw's
+        # eps per node, which step() reads
+        self._work = _sampled.Scratch()
         self._view: list[Any] | None = None
-        self._bound: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._pending: Tensor | None = None  # that draw's key, until step() or zero_grad()
         # the rho versions that state["sigma"] belongs to: the sigma the last sampled() step
         # wrote, valid while nothing has written rho since (else None)
@@ -376,32 +374,11 @@ class VON(torch.optim.Optimizer):
         mus, rhos = params[0::2], params[1::2]
         view = dict(zip(self._names, self._nodes(mus, rhos), strict=True))
         with exclusive(module):
-            names, weights = self._bind(module, view)
-            check_finite(list(view.values()), self._names, list(range(len(view))))
-            self._saved = _buffers(self._saved, weights)
-            self._noise = _buffers(self._noise, mus)
-            flags = [w.requires_grad for w in weights]
-            grads = [w.grad for w in weights]
-            with torch.no_grad():
-                torch._foreach_copy_(self._saved, weights)
-                sigmas = self._draw_sigmas(mus, rhos)
-                _noise.gaussian_into(key, self._hashes, mus, sigmas, weights, self._noise)
-                for i, name in enumerate(self._names):  # rows tb.functional_call keeps
-                    padded = padding_row(module, names[name])
-                    if padded is not None:
-                        weights[i][padded[1]] = self._saved[i][padded[1]]
-            for w in weights:
-                w.grad = None
-                w.requires_grad_(True)
-            try:
+            sigmas = self._draw_sigmas(mus, rhos)
+            with _sampled.drawn(
+                module, view, self._names, key, self._hashes, sigmas, self._work
+            ) as found:
                 yield module
-            finally:
-                found = [w.grad for w in weights]
-                with torch.no_grad():
-                    torch._foreach_copy_(weights, self._saved)
-                for w, flag, grad in zip(weights, flags, grads, strict=True):
-                    w.grad = grad
-                    w.requires_grad_(flag)
             for mu, g in zip(mus, found, strict=True):
                 if g is None:
                     continue
@@ -454,18 +431,6 @@ class VON(torch.optim.Optimizer):
             self._view = seen
         return seen
 
-    def _bind(self, module: nn.Module, view: dict[str, Any]) -> tuple[dict[str, str], list[Tensor]]:
-        """``check_matches``'s names and the module's parameter per node, the parameters kept
-        while ``check_matches`` keeps its answer and the module's structure is unchanged."""
-        names = check_matches(module, view)
-        kept = self._bound.get(module)
-        if kept is not None and kept[0] is names and kept[1] == GENERATION[0]:
-            return names, kept[2]
-        own = dict(module.named_parameters(remove_duplicate=False))
-        weights: list[Tensor] = [own[names[name]] for name in self._names]
-        self._bound[module] = (names, GENERATION[0], weights)
-        return names, weights
-
     def _pending_noise(self, mus: list[Tensor], rhos: list[Tensor]) -> list[Tensor] | None:
         """The eps of the draw ``sampled`` left for this step, or None (the rho.grad route)."""
         if self._pending is None:
@@ -478,7 +443,7 @@ class VON(torch.optim.Optimizer):
                 "opt.sampled(module, key) or through tb.functional_call, and call zero_grad() "
                 "between steps."
             )
-        return self._noise
+        return self._work.noise
 
     def _fused_step(
         self,
@@ -635,6 +600,195 @@ class Adam(torch.optim.Adam):
         return params
 
 
+@contextlib.contextmanager
+def sampled(
+    module: nn.Module,
+    posterior: dict[str, Any],
+    key: Tensor,
+    *,
+    num_data: int,
+    prior: Any = GaussianPrior(),  # noqa: B008 - an immutable NamedTuple of floats
+    kl_weight: float = 1.0,
+    num_samples: int = 1,
+) -> Iterator[nn.Module]:
+    """Bayes-by-Backprop's gradient through the module itself: the fast route of a training step.
+
+    Inside the block the module's parameters named by the posterior hold one draw
+    ``tb.sample(posterior, key)`` and require gradients; compute the batch-mean NLL with the
+    module there (``loss_fn(module(x), y)``, as ``nelbo``'s ``loss_fn``) and call
+    ``backward()`` on it. On leaving, the module gets its own values, ``requires_grad`` flags
+    and ``.grad`` back, and the posterior's ``mu.grad`` and ``rho.grad`` gain (accumulating,
+    as autograd would) the gradient of ``nelbo``'s objective on that draw,
+    ``loss + kl_weight * KL / num_data``, divided by ``num_samples``. Any optimizer over
+    ``tb.parameters(posterior)`` then steps: ``tb.optim.Adam`` is the fused one.
+
+    ``num_samples`` blocks with the keys ``tb.random.split(key, num_samples)`` give exactly the
+    gradient of ``tb.nelbo(..., key, num_samples=num_samples)``: each adds its draw's share of
+    the NLL and ``1 / num_samples`` of the KL's. Micro-batches of one step pass the number of
+    blocks the same way (each block's loss the mean over its micro-batch).
+
+    The step is the model's own forward and backward, one pass that writes the draw and keeps
+    its noise, and one that turns the weight gradient ``g`` into ``d/d mu = g + d KL/d mu`` and
+    ``d/d rho = g eps sigmoid(rho) + d KL/d rho`` (the closed form), on CPU float32/float64 with
+    tbfunc's kernels and a Gaussian prior. Elsewhere (another prior, a GPU) the same gradient
+    comes from tensor ops, with the Monte-Carlo KL on the same draw where the prior has no
+    closed form (as ``nelbo`` takes it). The loss inside the block is not differentiable in
+    ``mu`` and ``rho`` (``torch.func.grad`` of it gives nothing): for transforms, use
+    ``nelbo``.
+
+    The forward is the module's own call, so dropout and batch-norm layers in training mode
+    act as they do without tbfunc, where ``nelbo`` refuses them. The module is held for the
+    block (one thread at a time, as for every tbfunc call that runs it); another thread that
+    calls it directly sees the drawn weights.
+
+    Args:
+        module: the model the posterior was built from (``tb.from_module``).
+        posterior: a dict of Gaussian nodes (their ``mu`` and ``rho`` get the gradients).
+        key: the draw's key.
+        num_data, prior, kl_weight: as in ``nelbo``.
+        num_samples: the number of blocks whose gradients make one step.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, tbfunc as tb
+        >>> net = torch.nn.Linear(3, 2).requires_grad_(False)
+        >>> post = tb.from_module(net)
+        >>> opt = tb.optim.Adam(post, lr=1e-3)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> with tb.optim.sampled(net, post, tb.random.key(0), num_data=100):
+        ...     F.cross_entropy(net(x), y).backward()
+        >>> opt.step(); opt.zero_grad()
+    """
+    if not isinstance(module, nn.Module):
+        fail("module", "an nn.Module", module, error=TypeError)
+    nodes = _gaussian_nodes(posterior)
+    others = [name for name in posterior if name not in nodes]
+    if others:
+        fail(
+            f"posterior[{others[0]!r}]",
+            "a Gaussian node (tb.optim.sampled draws mu + sigma * eps)",
+            posterior[others[0]],
+            "Train other families through tb.nelbo.",
+            TypeError,
+        )
+    key = check_key(key)
+    data_size = check_positive_int(num_data, "num_data")
+    blocks = check_positive_int(num_samples, "num_samples")
+    if not _number(kl_weight) or not kl_weight >= 0:
+        fail("kl_weight", "a finite non-negative float", kl_weight)
+    order = list(nodes)
+    mus = [nodes[name].mu for name in order]
+    rhos = [nodes[name].rho for name in order]
+    terms = _kernel_terms(posterior, prior, order)
+    kl_scale = float(kl_weight) / (data_size * blocks)
+    with exclusive(module):
+        work = _sampled.scratch_for(module)
+        work.sigma = _sampled.scratch(work.sigma, mus)
+        with torch.no_grad():
+            sigmas = [softplus(rho, out=out) for rho, out in zip(rhos, work.sigma, strict=True)]
+        hashes = _hashes_of(tuple(order))
+        with _sampled.drawn(module, nodes, order, key, hashes, sigmas, work) as found:
+            yield module
+        gs = _weight_grads(found, mus)
+        del found
+        if blocks > 1:
+            torch._foreach_mul_(gs, 1.0 / blocks)
+        rho_outs = _rho_grad_buffers(work, rhos)
+        tensors = [*gs, *work.noise, *mus, *rhos, *sigmas]
+        if terms is not None and _fused.eager(tensors) and all(t.is_contiguous() for t in tensors):
+            _fused.posterior_grads(
+                gs, work.noise, mus, rhos, sigmas, terms, kl_scale, (gs, rho_outs)
+            )
+            grad_mus, grad_rhos = gs, rho_outs
+        else:
+            grad_mus, grad_rhos = _posterior_grads_by_ops(
+                nodes, order, gs, work.noise, prior, kl_scale
+            )
+    for tensor, grad in zip([*mus, *rhos], [*grad_mus, *grad_rhos], strict=True):
+        if tensor.grad is None:
+            tensor.grad = grad
+        else:
+            tensor.grad.add_(grad)
+
+
+def _weight_grads(found: list[Tensor | None], mus: list[Tensor]) -> list[Tensor]:
+    """The block's weight gradients, to become mu's: each one itself where nothing else holds
+    it (the pass then writes mu's gradient over it), else a copy; zeros where it left none."""
+    grads = []
+    for i, mu in enumerate(mus):
+        # found[i], never a local name: free() counts the references
+        if found[i] is None:
+            grads.append(torch.zeros_like(mu, memory_format=torch.contiguous_format))
+        elif found[i].is_contiguous() and _sampled.free(found, i):  # type: ignore[union-attr]
+            grads.append(found[i])  # type: ignore[arg-type]
+        else:
+            grads.append(found[i].clone(memory_format=torch.contiguous_format))  # type: ignore[union-attr]
+    return grads
+
+
+def _rho_grad_buffers(work: _sampled.Scratch, rhos: list[Tensor]) -> list[Tensor]:
+    """Where ``tb.optim.sampled`` writes the rho gradients: the ones it handed out last time
+    where nothing holds them any more (a ``zero_grad()`` dropped them), else new tensors,
+    kept for next time."""
+    kept = work.rho_grads
+    if len(kept) != len(rhos) or any(
+        k.shape != r.shape or k.dtype != r.dtype or k.device != r.device
+        for k, r in zip(kept, rhos, strict=True)
+    ):
+        kept = work.rho_grads = [torch.empty_like(r) for r in rhos]
+        return list(kept)
+    for i, rho in enumerate(rhos):
+        if not _sampled.free(kept, i):  # type: ignore[arg-type]
+            kept[i] = torch.empty_like(rho, memory_format=torch.contiguous_format)
+    return list(kept)
+
+
+def _kernel_terms(posterior: dict[str, Any], prior: Any, order: list[str]) -> list[Any] | None:
+    """Each node's Gaussian prior in the kernels' form, in ``order``, or None where they do
+    not serve (``kl.kernel_priors`` keys them by the tree's flat leaf order)."""
+    terms = kernel_priors(posterior, prior)
+    if terms is None:
+        return None
+    flat = [path[0] for path in optree.tree_paths(posterior, is_leaf=is_posterior)]  # type: ignore[arg-type]
+    by_name = {flat[i]: term for i, term in terms.items()}
+    return [by_name[name] for name in order]
+
+
+@functools.lru_cache(maxsize=64)
+def _hashes_of(order: tuple[str, ...]) -> list[int]:
+    """The noise streams' hashes of the nodes, as ``tb.sample`` takes them (kept per name list:
+    checking the paths for collisions is not free). Callers do not write the list."""
+    return node_hashes([canonical(name) for name in order])
+
+
+def _posterior_grads_by_ops(
+    nodes: dict[str, Any],
+    order: list[str],
+    gs: list[Tensor],
+    noise: list[Tensor],
+    prior: Any,
+    kl_scale: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """``tb.optim.sampled``'s gradients in tensor ops: autograd through the draw rebuilt from
+    its noise, ``sum <g, mu + softplus(rho) eps> + kl_scale * KL``, with the closed-form KL or,
+    where the prior has none, the Monte-Carlo term at the same draw (as ``nelbo``)."""
+    with torch.enable_grad():
+        leaves = [
+            (nodes[n].mu.detach().requires_grad_(), nodes[n].rho.detach().requires_grad_())
+            for n in order
+        ]
+        view = {n: type(nodes[n])(mu, rho) for n, (mu, rho) in zip(order, leaves, strict=True)}
+        draws = {n: view[n].mu + view[n].sigma * e for n, e in zip(order, noise, strict=True)}
+        data = sum((g * draws[n]).sum() for n, g in zip(order, gs, strict=True))
+        if has_closed_form(view, prior):
+            kl = closed_form_kl(view, prior)
+        else:
+            kl = kl_from_draws(view, prior, {n: draws[n][None] for n in view})
+        total = data + kl_scale * kl.to(data.dtype)
+        flat = [t for pair in leaves for t in pair]
+        grads = torch.autograd.grad(total, flat)
+    return list(grads[0::2]), list(grads[1::2])
+
+
 def _step(
     config: _Config,
     step: int,
@@ -737,18 +891,6 @@ def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:
 
 def _versions(tensors: list[Tensor]) -> list[int]:
     return [t._version for t in tensors]
-
-
-def _buffers(kept: list[Tensor], like: list[Tensor]) -> list[Tensor]:
-    """``VON.sampled``'s scratch tensors, contiguous, one shaped like each of ``like``: the
-    last ones again when they still fit (no allocation per step)."""
-    fits = len(kept) == len(like) and all(
-        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device
-        for k, t in zip(kept, like, strict=True)
-    )
-    if fits:
-        return kept
-    return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in like]
 
 
 def _gaussian_nodes(posterior: Any) -> dict[str, Any]:

@@ -401,6 +401,10 @@ def _at_threads(threads, fn, *args):
         torch.set_num_threads(before)
 
 
+def _into(rho, out):
+    return _softplus.softplus(rho, out=out)
+
+
 def _sigma_of(node):
     return node.sigma
 
@@ -431,6 +435,10 @@ def test_sigma_has_the_one_thread_bits_at_every_thread_count(dtype):
             for threads in (2, 3, 5):
                 assert torch.equal(_at_threads(threads, _sigma_of, node), one), (n, threads)
                 assert torch.equal(_at_threads(threads, _draw_of, node), draw), (family, threads)
+        for threads in (2, 3, 5):  # into a kept tensor (tb.optim.sampled's route)
+            out = torch.empty_like(rho)
+            assert _at_threads(threads, _into, rho, out) is out
+            assert torch.equal(out, one), ("out", n, threads)
     assert moved > 0  # torch's softplus did move: the check above has teeth
 
 
