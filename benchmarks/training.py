@@ -21,6 +21,7 @@ POOL_FUSED = "tbfunc nelbo + tb.optim.Adam (fused), tbfunc's thread pool (TBFUNC
 POOL_VON = "tbfunc VON step, tbfunc's thread pool (TBFUNC_OPENMP=0)"
 RHO = -3.0
 SAMPLED = "tbfunc tb.optim.sampled + tb.optim.Adam (fused)"
+ADAM_SAMPLED = "tbfunc tb.optim.Adam.sampled (one pass)"
 
 
 def contenders(
@@ -39,6 +40,8 @@ def contenders(
         POOL_FUSED: _on_pool(tbfunc_step(model, x, y, num_samples, tb.optim.Adam)),
         SAMPLED: sampled_step(model, x, y, num_samples),
     }
+    if num_samples == 1:  # Adam.sampled takes one draw per step
+        runs[ADAM_SAMPLED] = adam_sampled_step(model, x, y)
     if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
         runs["tbfunc VON step, sampled"] = von_step(model, x, y, sampled=True)
@@ -130,6 +133,28 @@ def sampled_step(
             ):
                 value = F.cross_entropy(net(x), y)
                 value.backward()
+        opt.step()
+        return value
+
+    return step
+
+
+def adam_sampled_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """Bayes-by-Backprop with ``tb.optim.Adam.sampled``: the draw written into a copy of the
+    module, its own forward and backward, then one pass for the gradient, Adam and the next
+    draw's sigma."""
+    posterior = tb.from_module(model, rho=RHO)
+    opt = tb.optim.Adam(posterior, lr=1e-4)
+    counter = iter(range(10**9))
+    key = tb.random.key(0)
+    net = copy.deepcopy(model).requires_grad_(False)
+
+    def step() -> object:
+        step_key = tb.random.fold_in(key, next(counter))
+        opt.zero_grad()
+        with opt.sampled(net, step_key, num_data=NUM_DATA):
+            value = F.cross_entropy(net(x), y)
+            value.backward()
         opt.step()
         return value
 

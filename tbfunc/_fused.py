@@ -36,11 +36,13 @@ __all__ = [
     "PriorTerms",
     "adam_step",
     "all_finite",
+    "bbb_adam_step",
     "draw",
     "eager",
     "gaussian_kl",
     "posterior_grads",
     "prior_terms",
+    "serves_bbb_adam",
     "trainable",
     "von_step",
 ]
@@ -474,6 +476,52 @@ def adam_step(
     library = _library()
     _over_threads(library.tb_adam, params[0].dtype, numels, *tables, node_table, hyper)
     _written(params, exp_avgs, exp_avg_sqs)
+
+
+def bbb_adam_step(
+    tensors: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
+    moments: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
+    priors: list[PriorTerms],
+    steps: list[float],
+    *,
+    kl_scale: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Bayes-by-Backprop's gradient and Adam over every ``mu`` and ``rho``, in place, in one
+    pass (``tb.optim.Adam.sampled``'s step). ``tensors``: ``(mus, rhos, the draw's weight
+    gradients, its eps, its sigma)``, the sigma overwritten with ``softplus`` of the new
+    ``rho``; ``moments``: Adam's ``(exp_avg, exp_avg_sq)`` of the mus, then of the rhos; each
+    node's step count ``steps[i]`` (already incremented, the same for its ``mu`` and ``rho``).
+    Every tensor contiguous."""
+    mus, rhos, _, _, sigmas = tensors
+    tables = [_addresses(t) for t in (*tensors, *moments)]
+    per_node = []
+    for step in steps:
+        per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
+    node_table = (ctypes.c_double * len(per_node))(*per_node)
+    hyper = (ctypes.c_double * 6)(kl_scale, 1 - beta1, beta2, 1 - beta2, eps, weight_decay)
+    numels = [m.numel() for m in mus]
+    library = _library()
+    _over_threads(
+        library.tb_bbb_adam,
+        mus[0].dtype,
+        numels,
+        *tables,
+        *_prior_tables(priors),
+        node_table,
+        hyper,
+    )
+    _written(mus, rhos, sigmas, *moments)
+
+
+def serves_bbb_adam() -> bool:
+    """Whether the built kernels have ``bbb_adam_step``'s pass."""
+    library = _native.kernel()
+    return library is not None and hasattr(library, "tb_bbb_adam")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -153,6 +153,9 @@ def _load(path: Path) -> ctypes.CDLL | None:
     if hasattr(library, "tb_finite"):  # optional: benchmarks.kernel_ab loads older builds
         library.tb_finite.argtypes = [_I64, _P, _P, _P, _I64, _I64, _P]
         library.tb_finite.restype = None
+    if hasattr(library, "tb_bbb_adam"):  # optional, as tb_finite
+        library.tb_bbb_adam.argtypes = [_I32, _I64, *([_P] * 16), _I64, _I64]
+        library.tb_bbb_adam.restype = None
     if all(hasattr(library, name) for name in (*_PART_SYMBOLS, "tb_openmp")):
         _set_part_signatures(library)
     return library
@@ -166,6 +169,9 @@ def _set_part_signatures(library: ctypes.CDLL) -> None:
     library.tb_fill_parts.argtypes = [*fill[:4], *fill[6:], _I64, _I64]
     for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam", "tb_von", "tb_finite"):
         getattr(library, name + "_parts").argtypes = getattr(library, name).argtypes
+    if hasattr(library, "tb_bbb_adam_parts"):
+        library.tb_bbb_adam_parts.argtypes = library.tb_bbb_adam.argtypes
+        library.tb_bbb_adam_parts.restype = None
     for name in _PART_SYMBOLS:
         getattr(library, name).restype = None
     library.tb_openmp.argtypes = []

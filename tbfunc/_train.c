@@ -10,6 +10,8 @@
  *   tb_adam       torch.optim.Adam's update (no amsgrad), in its order of operations;
  *   tb_von        the variational-online-Newton update of tbfunc.optim (its docstring has the
  *                 equations);
+ *   tb_bbb_adam   the draw's backward with the KL's gradient and Adam over mu and rho, in one
+ *                 pass, writing the next draw's sigma (tb.optim.Adam.sampled);
  *   tb_finite     whether every element of a list of tensors is finite (the per-call check of a
  *                 posterior that an optimizer step has just rewritten).
  *
@@ -449,6 +451,101 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Bayes-by-Backprop and Adam in one pass (tb.optim.Adam.sampled): from one draw's weight
+ * gradient g and noise eps, with sigma the draw's,
+ *   d/d mu  = g + c (mu - m) / s^2,
+ *   d/d rho = (g eps + c sigma / s^2) sigmoid(rho) - c d log(sigma) / d rho   (KL_GRAD_AT's),
+ * then torch.optim.Adam's update of mu and of rho (tb_adam's operations) at the node's step,
+ * and softplus of the new rho written to sigma: the next draw's, so that no softplus pass runs
+ * before it. Four loops per block of CHUNK elements (the gradients, the two updates, the new
+ * sigma), each a short chain that the core overlaps across elements. */
+
+#define ADAM_AT(T, SQRT, P, G, M, V)                                                           \
+    {                                                                                         \
+        T grad_ = decay != (T)0 ? (G) + decay * (P)[k] : (G);                                 \
+        T m_ = w1 < (T)0.5 ? (M)[k] + w1 * (grad_ - (M)[k]) : grad_ - (grad_ - (M)[k]) * ((T)1 - w1); \
+        T v_ = (V)[k] * beta2 + (w2 * grad_) * grad_;                                         \
+        T denom_ = SQRT(v_) / bc2_sqrt + eps;                                                 \
+        (M)[k] = m_;                                                                          \
+        (V)[k] = v_;                                                                          \
+        (P)[k] = (P)[k] + ((-step_size) * m_) / denom_;                                       \
+    }
+
+#define BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, MEAN, SCALE)                           \
+    for (int64_t lo = a; lo < b; lo += CHUNK) {                                               \
+        int64_t count = b - lo < CHUNK ? b - lo : CHUNK;                                      \
+        T gmu[CHUNK], grho[CHUNK];                                                            \
+        for (int64_t i = 0; i < count; i++) {                                                 \
+            int64_t k = lo + i;                                                               \
+            T gate = SIGMOID(rho[k]);                                                         \
+            T mean = MEAN, scale = SCALE;                                                     \
+            T precision = (T)1 / (scale * scale);                                             \
+            T dlog = rho[k] < (T)SMALL_RHO ? (T)1 : gate / sigma[k];                          \
+            gmu[i] = g[k] + c * (mu[k] - mean) * precision;                                   \
+            grho[i] = (g[k] * e[k] + c * sigma[k] * precision) * gate - c * dlog;             \
+        }                                                                                     \
+        for (int64_t i = 0; i < count; i++) {                                                 \
+            int64_t k = lo + i;                                                               \
+            ADAM_AT(T, SQRT, mu, gmu[i], m_mu, v_mu)                                          \
+        }                                                                                     \
+        for (int64_t i = 0; i < count; i++) {                                                 \
+            int64_t k = lo + i;                                                               \
+            ADAM_AT(T, SQRT, rho, grho[i], m_rho, v_rho)                                      \
+        }                                                                                     \
+        for (int64_t i = 0; i < count; i++) {                                                 \
+            T unused;                                                                         \
+            sigma[lo + i] = SOFTPLUS_GATE(rho[lo + i], &unused);                              \
+        }                                                                                     \
+    }
+
+#define BBB_ADAM(T, SIGMOID, SOFTPLUS_GATE, SQRT)                                              \
+    static void bbb_adam_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,            \
+                             const T *restrict g, const T *restrict e, T *restrict sigma,      \
+                             T *restrict m_mu, T *restrict v_mu, T *restrict m_rho,            \
+                             T *restrict v_rho, const T *pm, T pm_value, const T *ps,          \
+                             T ps_value, T step_size, T bc2_sqrt, const double *hyper) {       \
+        T c = (T)hyper[0], w1 = (T)hyper[1], beta2 = (T)hyper[2], w2 = (T)hyper[3];           \
+        T eps = (T)hyper[4], decay = (T)hyper[5];                                             \
+        if (pm && ps)                                                                         \
+            BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm[k], ps[k])                      \
+        else if (pm)                                                                          \
+            BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm[k], ps_value)                   \
+        else if (ps)                                                                          \
+            BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm_value, ps[k])                   \
+        else                                                                                  \
+            BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm_value, ps_value)                \
+    }
+
+BBB_ADAM(float, sigmoid32, softplus_gate32, __builtin_sqrtf)
+BBB_ADAM(double, sigmoid64, softplus_gate64, sqrt)
+
+/* per_node: (step_size, bc2_sqrt) per node; hyper: c (the KL's scale), 1 - beta1, beta2,
+ * 1 - beta2, eps, weight_decay. Priors per node as tb_draw_grad takes them. */
+void tb_bbb_adam(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, table grads,
+                 table eps, table sigmas, table m_mus, table v_mus, table m_rhos, table v_rhos,
+                 table prior_mus, const double *prior_mu_values, table prior_sigmas,
+                 const double *prior_sigma_values, const double *per_node, const double *hyper,
+                 int64_t begin, int64_t end) {
+    FOR_NODES(nodes, numels, begin, end, {
+        double step_size = per_node[2 * l], bc2_sqrt = per_node[2 * l + 1];
+        if (dtype == 0)
+            bbb_adam_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grads[l],
+                           (const float *)eps[l], (float *)sigmas[l], (float *)m_mus[l],
+                           (float *)v_mus[l], (float *)m_rhos[l], (float *)v_rhos[l],
+                           (const float *)prior_mus[l], (float)prior_mu_values[l],
+                           (const float *)prior_sigmas[l], (float)prior_sigma_values[l],
+                           (float)step_size, (float)bc2_sqrt, hyper);
+        else
+            bbb_adam_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grads[l],
+                            (const double *)eps[l], (double *)sigmas[l], (double *)m_mus[l],
+                            (double *)v_mus[l], (double *)m_rhos[l], (double *)v_rhos[l],
+                            (const double *)prior_mus[l], prior_mu_values[l],
+                            (const double *)prior_sigmas[l], prior_sigma_values[l], step_size,
+                            bc2_sqrt, hyper);
+    });
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Finiteness: out[0] = 1 if some element of [begin, end) is inf or nan, else left as it is.
  * kinds[l]: 0 float32, 1 float64 (a list may mix them). An element is not finite when its
  * exponent bits are all ones; the loops OR those tests together without branching, so they
@@ -526,6 +623,18 @@ void tb_von_parts(int32_t dtype, int64_t nodes, table numels, table mus, table r
     OVER_PARTS(total, parts,
                tb_von(dtype, nodes, numels, mus, rhos, grad_mus, grad_rhos, gbars, hs, centres,
                       sigmas, deltas, hyper, begin, end));
+}
+
+void tb_bbb_adam_parts(int32_t dtype, int64_t nodes, table numels, table mus, table rhos,
+                       table grads, table eps, table sigmas, table m_mus, table v_mus,
+                       table m_rhos, table v_rhos, table prior_mus, const double *prior_mu_values,
+                       table prior_sigmas, const double *prior_sigma_values,
+                       const double *per_node, const double *hyper, int64_t total,
+                       int64_t parts) {
+    OVER_PARTS(total, parts,
+               tb_bbb_adam(dtype, nodes, numels, mus, rhos, grads, eps, sigmas, m_mus, v_mus,
+                           m_rhos, v_rhos, prior_mus, prior_mu_values, prior_sigmas,
+                           prior_sigma_values, per_node, hyper, begin, end));
 }
 
 void tb_finite_parts(int64_t nodes, table kinds, table numels, table values, int64_t total,

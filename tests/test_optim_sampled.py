@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import tbfunc as tb
-from helpers import data, mlp, seeded
+from helpers import assert_restart_is_bit_identical, data, mlp, seeded
 from tbfunc import _native
 
 NUM_DATA = 40
@@ -297,3 +297,195 @@ def test_bad_module_and_posterior_are_refused():
         tb.optim.sampled(net, mixed, tb.random.key(0), num_data=10),
     ):
         pass
+
+
+# -- tb.optim.Adam.sampled: the gradient, Adam and the next sigma in one pass -------------------
+
+ADAM = {"lr": 0.05, "weight_decay": 0.01}
+
+
+def _twin(post):
+    return {name: type(node)(node.mu.clone(), node.rho.clone()) for name, node in post.items()}
+
+
+def _adam_routes(dtype, prior, steps=6, **options):
+    """Posteriors after ``steps`` steps of tb.optim.sampled + Adam.step and of Adam.sampled
+    from one start; the second optimizer too."""
+    net, x, y = _setup(dtype)
+    reference = _post(net)
+    fast = _twin(reference)
+    settings = {**ADAM, **options}
+    opt_ref, opt_fast = tb.optim.Adam(reference, **settings), tb.optim.Adam(fast, **settings)
+    for step in range(steps):
+        key = tb.random.key(step)
+        opt_ref.zero_grad()
+        with tb.optim.sampled(
+            net, reference, key, num_data=NUM_DATA, prior=prior, kl_weight=KL_WEIGHT
+        ):
+            F.cross_entropy(net(x), y).backward()
+        opt_ref.step()
+        opt_fast.zero_grad()
+        with opt_fast.sampled(net, key, num_data=NUM_DATA, prior=prior, kl_weight=KL_WEIGHT):
+            F.cross_entropy(net(x), y).backward()
+        opt_fast.step()
+    return reference, fast, opt_fast
+
+
+def _assert_posteriors_close(a, b, dtype):
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for name in a:
+        torch.testing.assert_close(b[name].mu, a[name].mu, rtol=tol, atol=tol)
+        torch.testing.assert_close(b[name].rho, a[name].rho, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prior_kind", list(PRIORS))
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_adam_sampled_steps_equal_the_gradient_route(dtype, prior_kind, fused, monkeypatch):
+    """Six steps: a wrong KL term, Adam moment, step count or a sigma not renewed after each
+    step (the next draws would use the old one) pulls the two apart."""
+    monkeypatch.setenv("TBFUNC_FUSED", fused)
+    net, _, _ = _setup(dtype)
+    prior = PRIORS[prior_kind](_post(net))
+    reference, fast, _ = _adam_routes(dtype, prior)
+    _assert_posteriors_close(reference, fast, dtype)
+    start = _post(_setup(dtype)[0])
+    assert (fast["0.weight"].rho - start["0.weight"].rho).abs().max() > 1e-3  # rho moved
+
+
+def test_adam_sampled_takes_the_one_pass_where_it_serves(monkeypatch):
+    if _native.kernel() is None:
+        pytest.skip("tbfunc's C kernels are not built here")
+    from tbfunc import _fused
+
+    calls = []
+    real = _fused.bbb_adam_step
+    monkeypatch.setattr(_fused, "bbb_adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _adam_routes(torch.float32, tb.GaussianPrior(), steps=2)
+    assert len(calls) == 2
+    # amsgrad: not the pass's update, so the gradient route, with the same result
+    reference, fast, _ = _adam_routes(torch.float32, tb.GaussianPrior(), steps=3, amsgrad=True)
+    assert len(calls) == 2
+    _assert_posteriors_close(reference, fast, torch.float32)
+
+
+def test_adam_sampled_draws_tb_sample_first_then_the_kept_sigma():
+    net, x, y = _setup()
+    post = _post(net)
+    opt = tb.optim.Adam(post, **ADAM)
+    key = tb.random.key(3)
+    expected = tb.sample(post, key)
+    with opt.sampled(net, key, num_data=NUM_DATA):
+        for name, p in net.named_parameters():
+            assert torch.equal(p, expected[name]), name
+        F.cross_entropy(net(x), y).backward()
+    old_sigma = post["0.weight"].sigma.clone()
+    opt.step()
+    kept = opt.state[post["0.weight"].rho]["sigma"]
+    # the kernel's softplus of the new rho: torch's to an ulp, and not the old sigma
+    torch.testing.assert_close(kept, post["0.weight"].sigma, rtol=3e-7, atol=0)
+    assert not torch.equal(kept, old_sigma)
+    opt.zero_grad()
+    key = tb.random.key(4)
+    noise = tb.sample({n: type(v)(torch.zeros_like(v.mu), v.rho) for n, v in post.items()}, key)
+    with opt.sampled(net, key, num_data=NUM_DATA):
+        eps = noise["0.weight"] / post["0.weight"].sigma
+        torch.testing.assert_close(net[0].weight, post["0.weight"].mu + kept * eps)
+    # a write to rho retires the kept sigma: the draw is tb.sample's again
+    opt.zero_grad()
+    with torch.no_grad():
+        post["0.weight"].rho.add_(0.25)
+    key = tb.random.key(5)
+    expected = tb.sample(post, key)
+    with opt.sampled(net, key, num_data=NUM_DATA):
+        for name, p in net.named_parameters():
+            assert torch.equal(p, expected[name]), name
+
+
+def test_adam_sampled_restart_is_bit_identical():
+    net, x, y = _setup()
+
+    def run(post, opt, start):
+        for step in range(start, start + 3):
+            opt.zero_grad()
+            with opt.sampled(net, tb.random.key(step), num_data=NUM_DATA):
+                F.cross_entropy(net(x), y).backward()
+            opt.step()
+
+    assert_restart_is_bit_identical(_post(net), lambda p: tb.optim.Adam(p, **ADAM), run, 3)
+
+
+def test_adam_sampled_micro_batches_add_up():
+    net, x, y = _setup()
+    reference, fast = _post(net), None
+    fast = _twin(reference)
+    opt_ref, opt_fast = tb.optim.Adam(reference, **ADAM), tb.optim.Adam(fast, **ADAM)
+    halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+    for step in range(3):
+        key = tb.random.key(step)
+        opt_ref.zero_grad()
+        opt_fast.zero_grad()
+        for xs, ys in halves:
+            with tb.optim.sampled(net, reference, key, num_data=NUM_DATA, num_samples=2):
+                F.cross_entropy(net(xs), ys).backward()
+            with opt_fast.sampled(net, key, num_data=NUM_DATA):
+                (F.cross_entropy(net(xs), ys) / 2).backward()
+        opt_ref.step()
+        opt_fast.step()
+    # the KL once per step in both: the first route adds half of it per block
+    _assert_posteriors_close(reference, fast, torch.float32)
+
+
+def test_adam_sampled_refusals_name_the_fix():
+    net, x, y = _setup()
+    post = _post(net)
+    opt = tb.optim.Adam(post, **ADAM)
+    with opt.sampled(net, tb.random.key(0), num_data=NUM_DATA):
+        F.cross_entropy(net(x), y).backward()
+    with (
+        pytest.raises(ValueError, match="another key before step"),
+        opt.sampled(net, tb.random.key(1), num_data=NUM_DATA),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="same num_data, kl_weight and prior"),
+        opt.sampled(net, tb.random.key(0), num_data=NUM_DATA + 1),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="same num_data, kl_weight and prior"),
+        opt.sampled(net, tb.random.key(0), num_data=NUM_DATA, prior=tb.GaussianPrior(0.0, 0.5)),
+    ):
+        pass
+    with opt.sampled(net, tb.random.key(0), num_data=NUM_DATA, prior=tb.GaussianPrior(0.0, 1.0)):
+        pass  # an equal prior is the same objective
+    post["0.bias"].rho.grad = torch.zeros_like(post["0.bias"].rho)
+    with pytest.raises(RuntimeError, match=r"posterior\['0.bias'\] has a gradient.*one route"):
+        opt.step()
+    opt.zero_grad()  # forgets the draw: the next step has nothing to do
+    before = [p.clone() for p in tb.parameters(post)]
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, tb.parameters(post), strict=True))
+    plain = tb.optim.Adam(tb.parameters(post), **ADAM)
+    with (
+        pytest.raises(TypeError, match=r"built from the posterior tree.*tb.optim.sampled"),
+        plain.sampled(net, tb.random.key(0), num_data=NUM_DATA),
+    ):
+        pass
+    with (
+        pytest.raises(ValueError, match="kl_weight"),
+        opt.sampled(net, tb.random.key(0), num_data=NUM_DATA, kl_weight=-1),
+    ):
+        pass
+
+
+def test_adam_sampled_error_in_the_block_leaves_nothing_to_step():
+    net, x, _ = _setup()
+    post = _post(net)
+    opt = tb.optim.Adam(post, **ADAM)
+    before = [p.clone() for p in tb.parameters(post)]
+    with pytest.raises(RuntimeError, match="boom"), opt.sampled(net, tb.random.key(0), num_data=9):
+        net(x).sum().backward()
+        raise RuntimeError("boom")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, tb.parameters(post), strict=True))
