@@ -38,16 +38,16 @@ _BOUND: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyD
 
 
 class Scratch:
-    """A block's working tensors, one shaped like each node's ``mu``: the module's own values
-    while the draw is in (``saved``), the draw's ``eps`` (``noise``); for
+    """A block's working tensors, one shaped like each node's ``mu``: the draw the module's
+    parameters point at during the block (``draws``), the draw's ``eps`` (``noise``); for
     ``tb.optim.sampled`` also the draw's ``sigma`` and the ``rho`` gradients it hands out
     (``rho_grads``, reused only while nothing else holds them). Fresh memory of this size
     costs a page fault per 4 KiB on every first write: as much as a pass over it."""
 
-    __slots__ = ("noise", "rho_grads", "saved", "sigma")
+    __slots__ = ("draws", "noise", "rho_grads", "sigma")
 
     def __init__(self) -> None:
-        self.saved: list[Tensor] = []
+        self.draws: list[Tensor] = []
         self.noise: list[Tensor] = []
         self.sigma: list[Tensor] = []
         self.rho_grads: list[Tensor] = []
@@ -135,22 +135,30 @@ def drawn(
     parameters for the block, ``eps`` left in ``work.noise``. Yields a list that holds, once the
     block has left without an error, each node's weight gradient (None where the block left
     none). Embedding padding rows keep the module's values, as ``tb.functional_call`` keeps
-    them."""
+    them.
+
+    The parameters are pointed at the draw's memory (``set_``) and back at their own on
+    leaving, which costs no pass over the weights (copying the module's values out and back
+    cost two). A view of a parameter taken before the block, or a flat buffer the parameters
+    live in, keeps showing the module's own values meanwhile; the parameters' strides are
+    the draw's (contiguous) for the block."""
     names, weights = bind(module, view, order)
     nodes = [view[name] for name in order]
     check_finite(nodes, order, list(range(len(nodes))))
     mus = [node.mu for node in nodes]
-    work.saved = scratch(work.saved, weights)
+    work.draws = scratch(work.draws, mus)
     work.noise = scratch(work.noise, mus)
+    own = [w.detach() for w in weights]  # the module's own memory, given back on leaving
     flags = [w.requires_grad for w in weights]
     grads = [w.grad for w in weights]
     with torch.no_grad():
-        torch._foreach_copy_(work.saved, weights)
-        _noise.gaussian_into(key, hashes, mus, sigmas, weights, work.noise)
+        _noise.gaussian_into(key, hashes, mus, sigmas, work.draws, work.noise)
         for i, name in enumerate(order):
             padded = padding_row(module, names[name])
             if padded is not None:
-                weights[i][padded[1]] = work.saved[i][padded[1]]
+                work.draws[i][padded[1]] = own[i][padded[1]]
+        for w, drawn_ in zip(weights, work.draws, strict=True):
+            w.set_(drawn_)  # type: ignore[call-overload]  # no copy in, none out
     for w in weights:
         w.grad = None
         w.requires_grad_(True)
@@ -160,7 +168,8 @@ def drawn(
     finally:
         left = [w.grad for w in weights]
         with torch.no_grad():
-            torch._foreach_copy_(weights, work.saved)
+            for w, mine in zip(weights, own, strict=True):
+                w.set_(mine)  # type: ignore[call-overload]
         for w, flag, grad in zip(weights, flags, grads, strict=True):
             w.grad = grad
             w.requires_grad_(flag)

@@ -124,10 +124,14 @@ def test_kernel_route_serves_and_agrees_with_tensor_ops(monkeypatch):
 
 def test_draw_is_tb_sample_and_module_is_restored():
     net, x, y = _setup()
+    # a transposed (non-contiguous) parameter: its strides come back too
+    net[2].weight = nn.Parameter(net[2].weight.detach().t().contiguous().t(), requires_grad=False)
+    assert not net[2].weight.is_contiguous()
     net[0].weight.requires_grad_(True)  # a flag the block must give back
     sentinel = torch.full_like(net[0].weight, 7.0)
     net[0].weight.grad = sentinel
     own = {n: p.detach().clone() for n, p in net.named_parameters()}
+    layout = {n: (p.data_ptr(), p.stride()) for n, p in net.named_parameters()}
     post = _post(net)
     key = tb.random.key(11)
     expected = tb.sample(post, key)
@@ -139,6 +143,7 @@ def test_draw_is_tb_sample_and_module_is_restored():
         F.cross_entropy(net(x), y).backward()
     for name, p in net.named_parameters():
         assert torch.equal(p, own[name]), name
+        assert (p.data_ptr(), p.stride()) == layout[name], name  # its own memory again
     assert net[0].weight.grad is sentinel and torch.equal(sentinel, torch.full_like(sentinel, 7.0))
     assert net[0].weight.requires_grad and not net[2].weight.requires_grad
 
