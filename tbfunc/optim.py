@@ -1,4 +1,6 @@
-"""Posterior optimizers: natural-gradient mean-field VI (variational online Newton).
+"""Posterior optimizers: natural-gradient mean-field VI (variational online Newton), and
+Bayes-by-Backprop's fused Adam with its routes through the module itself (``Adam.sampled``,
+``sampled``; ``_sampled`` holds their block). What follows is VON's.
 
 Written from the papers' equations (Khan & Rue 2023, "The Bayesian learning rule", JMLR 24;
 Shen et al. 2024, "Variational learning is effective for large deep networks", ICML, Algorithm
@@ -508,7 +510,9 @@ class Adam(torch.optim.Adam):
     of a dozen tensor ops per tensor. Pair it with ``tb.nelbo``, whose draw and KL take their
     fused route under plain autograd on the CPU: that step costs about 1.2x an ordinary
     training step (``benchmarks/training.py``), against 2-3x for ``nelbo`` +
-    ``torch.optim.Adam`` before the fused route.
+    ``torch.optim.Adam`` before the fused route. Built from the posterior tree, it also has
+    ``sampled``: the draw in the module itself and one pass per step for the gradient, the
+    update and the next draw's sigma, the fastest step.
 
     The fused pass serves CPU float32/float64 tensors (one dtype per group, dense gradients)
     with ``amsgrad``, ``maximize``, ``capturable``, ``differentiable``, ``fused`` and

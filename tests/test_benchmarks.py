@@ -41,7 +41,8 @@ def test_quick_scoreboard(tmp_path):
     first = {r["name"]: r for r in saved["runs"][2]["results"]}
     for name in ("limit", "tb.predict", "tb.predict vmap", "tb.predict loop"):
         assert first[name]["error"] is None and first[name]["median_s"] > 0
-    for name in ("tbfunc VON step", "tbfunc VON step, sampled", training_bench.POOL_VON):
+    one_sample = ("tbfunc VON step", "tbfunc VON step, sampled", training_bench.POOL_VON)
+    for name in (*one_sample, training_bench.ADAM_SAMPLED):
         von = [r for run in saved["runs"] for r in run["results"] if r.get("name") == name]
         assert len(von) == 4 and all(r["error"] is None and r["median_s"] > 0 for r in von)
     training = [run for run in saved["runs"] if "training step" in run["title"]]
@@ -53,6 +54,7 @@ def test_quick_scoreboard(tmp_path):
             "tbfunc nelbo + torch Adam, tensor ops (TBFUNC_FUSED=0)",
             "deterministic step, tb.optim.Adam",
             training_bench.POOL_FUSED,
+            training_bench.SAMPLED,
         ):
             assert rows[name]["error"] is None and rows[name]["median_s"] > 0, name
     text = (tmp_path / "results.md").read_text()
@@ -256,6 +258,31 @@ def test_the_sampled_von_row_runs_the_sampled_route(monkeypatch):
     step()
     step()
     assert len(calls) == 2 and calls[0] is not model  # a copy: the other rows' model untouched
+
+
+def test_the_sampled_bbb_rows_run_their_routes(monkeypatch):
+    """The tb.optim.sampled row enters it once per sample, with the split keys and the sample
+    count; the Adam.sampled row enters Adam.sampled once a step; both on a copy of the model."""
+    from benchmarks import workloads
+
+    blocks, steps = [], []
+    real_block, real_adam = tb.optim.sampled, tb.optim.Adam.sampled
+
+    def block(module, posterior, key, **kwargs):
+        blocks.append((module, kwargs["num_samples"]))
+        return real_block(module, posterior, key, **kwargs)
+
+    def adam(self, module, key, **kwargs):
+        steps.append(module)
+        return real_adam(self, module, key, **kwargs)
+
+    monkeypatch.setattr(tb.optim, "sampled", block)
+    monkeypatch.setattr(tb.optim.Adam, "sampled", adam)
+    model, x, y = workloads.instantiate(workloads.WORKLOADS["W1"], torch.device("cpu"), batch=8)
+    training_bench.sampled_step(model, x, y, 3)()
+    assert [count for _, count in blocks] == [3, 3, 3] and blocks[0][0] is not model
+    training_bench.adam_sampled_step(model, x, y)()
+    assert len(steps) == 1 and steps[0] is not model
 
 
 def test_the_von_breakdown_times_each_phase_around_its_own_call(monkeypatch):
