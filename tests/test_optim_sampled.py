@@ -494,3 +494,48 @@ def test_adam_sampled_error_in_the_block_leaves_nothing_to_step():
         raise RuntimeError("boom")
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, tb.parameters(post), strict=True))
+
+
+@pytest.mark.parametrize("route", ["tb.optim.sampled", "Adam.sampled"])
+def test_two_threads_training_on_one_module_each_see_only_their_own_draw(route):
+    # catches: a block that does not hold the module (one thread's draw or restore landing in
+    # another's forward), and per-module scratch (the draw, its noise, the rho gradients)
+    # shared between two posteriors trained on one module
+    import threading
+
+    net, x, y = _setup()
+    start = _post(net)
+
+    def train(post, seed, out):
+        opt = tb.optim.Adam(post, **ADAM)
+        for step in range(15):
+            opt.zero_grad()
+            key = tb.random.key(seed + step)
+            if route == "Adam.sampled":
+                block = opt.sampled(net, key, num_data=NUM_DATA)
+            else:
+                block = tb.optim.sampled(net, post, key, num_data=NUM_DATA)
+            with block:
+                F.cross_entropy(net(x), y).backward()
+            opt.step()
+        out.append(post)
+
+    alone: list = []
+    for seed in (0, 100):
+        train(_twin(start), seed, alone)
+    together: list = [[], []]
+    workers = [
+        threading.Thread(target=train, args=(_twin(start), seed, together[i]))
+        for i, seed in enumerate((0, 100))
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for expected, (got,) in zip(alone, together, strict=True):
+        for name in expected:
+            assert torch.equal(expected[name].mu, got[name].mu)
+            assert torch.equal(expected[name].rho, got[name].rho)
+    own = dict(_setup()[0].named_parameters())
+    for name, weight in net.named_parameters():
+        assert torch.equal(weight, own[name]), name
