@@ -41,7 +41,7 @@ def contenders(
         SAMPLED: sampled_step(model, x, y, num_samples),
     }
     if num_samples == 1:  # Adam.sampled takes one draw per step
-        runs[ADAM_SAMPLED] = adam_sampled_step(model, x, y)
+        runs[ADAM_SAMPLED] = sampled_step(model, x, y, 1, one_pass=True)
     if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
         runs["tbfunc VON step, sampled"] = von_step(model, x, y, sampled=True)
@@ -112,49 +112,34 @@ def tbfunc_step(
 
 
 def sampled_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_samples: int, *, one_pass: bool = False
 ) -> Callable[[], object]:
-    """Bayes-by-Backprop through the module itself: ``num_samples`` blocks of
-    ``tb.optim.sampled`` (the draw written into a copy of the module, its own forward and
-    backward, the nelbo gradient in one pass on leaving), then ``tb.optim.Adam``: the same
-    gradient as ``nelbo(..., num_samples=num_samples)`` with the same keys."""
+    """Bayes-by-Backprop through the module itself, the draw written into a copy of it:
+    ``num_samples`` blocks of ``tb.optim.sampled`` (its own forward and backward, the nelbo
+    gradient in one pass on leaving; the gradient of ``nelbo(..., num_samples=num_samples)``
+    with the same keys), then ``tb.optim.Adam``'s step; with ``one_pass``, one block of
+    ``tb.optim.Adam.sampled`` (one sample) and its one pass for the gradient, Adam and the
+    next draw's sigma."""
     posterior = tb.from_module(model, rho=RHO)
     opt = tb.optim.Adam(posterior, lr=1e-4)
     counter = iter(range(10**9))
     key = tb.random.key(0)
     net = copy.deepcopy(model).requires_grad_(False)
 
+    def blocks(step_key: torch.Tensor) -> list:
+        if one_pass:
+            return [opt.sampled(net, step_key, num_data=NUM_DATA)]
+        return [
+            tb.optim.sampled(net, posterior, k, num_data=NUM_DATA, num_samples=num_samples)
+            for k in tb.random.split(step_key, num_samples)
+        ]
+
     def step() -> object:
-        step_key = tb.random.fold_in(key, next(counter))
         opt.zero_grad()
-        for draw_key in tb.random.split(step_key, num_samples):
-            with tb.optim.sampled(
-                net, posterior, draw_key, num_data=NUM_DATA, num_samples=num_samples
-            ):
+        for block in blocks(tb.random.fold_in(key, next(counter))):
+            with block:
                 value = F.cross_entropy(net(x), y)
                 value.backward()
-        opt.step()
-        return value
-
-    return step
-
-
-def adam_sampled_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
-    """Bayes-by-Backprop with ``tb.optim.Adam.sampled``: the draw written into a copy of the
-    module, its own forward and backward, then one pass for the gradient, Adam and the next
-    draw's sigma."""
-    posterior = tb.from_module(model, rho=RHO)
-    opt = tb.optim.Adam(posterior, lr=1e-4)
-    counter = iter(range(10**9))
-    key = tb.random.key(0)
-    net = copy.deepcopy(model).requires_grad_(False)
-
-    def step() -> object:
-        step_key = tb.random.fold_in(key, next(counter))
-        opt.zero_grad()
-        with opt.sampled(net, step_key, num_data=NUM_DATA):
-            value = F.cross_entropy(net(x), y)
-            value.backward()
         opt.step()
         return value
 

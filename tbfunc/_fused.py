@@ -467,15 +467,20 @@ def adam_step(
     """torch.optim.Adam's update (amsgrad off) of every tensor in place, in one pass; each
     tensor's own step count ``steps[i]`` (already incremented) sets its bias corrections."""
     tables = [_addresses(t) for t in (params, grads, exp_avgs, exp_avg_sqs)]
-    per_node = []
-    for step in steps:
-        per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
-    node_table = (ctypes.c_double * len(per_node))(*per_node)
+    node_table = _bias_corrections(steps, lr, beta1, beta2)
     hyper = (ctypes.c_double * 5)(1 - beta1, beta2, 1 - beta2, eps, weight_decay)
     numels = [p.numel() for p in params]
     library = _library()
     _over_threads(library.tb_adam, params[0].dtype, numels, *tables, node_table, hyper)
     _written(params, exp_avgs, exp_avg_sqs)
+
+
+def _bias_corrections(steps: list[float], lr: float, beta1: float, beta2: float) -> Any:
+    """Adam's per-tensor ``(lr / (1 - beta1^t), sqrt(1 - beta2^t))``, as the kernels take them."""
+    per_node = []
+    for step in steps:
+        per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
+    return (ctypes.c_double * len(per_node))(*per_node)
 
 
 def bbb_adam_step(
@@ -499,10 +504,7 @@ def bbb_adam_step(
     Every tensor contiguous."""
     mus, rhos, _, _, sigmas = tensors
     tables = [_addresses(t) for t in (*tensors, *moments)]
-    per_node = []
-    for step in steps:
-        per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
-    node_table = (ctypes.c_double * len(per_node))(*per_node)
+    node_table = _bias_corrections(steps, lr, beta1, beta2)
     hyper = (ctypes.c_double * 6)(kl_scale, 1 - beta1, beta2, 1 - beta2, eps, weight_decay)
     numels = [m.numel() for m in mus]
     library = _library()

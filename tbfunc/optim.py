@@ -421,12 +421,7 @@ class VON(torch.optim.Optimizer):
         the posterior's, so that a restart draws what the run would have drawn."""
         saved = super().state_dict()
         rhos = self.param_groups[0]["params"][1::2]
-        if self._sigma_versions != _versions(rhos):
-            saved["state"] = {
-                index: {k: v for k, v in state.items() if k != "sigma"}
-                for index, state in saved["state"].items()
-            }
-        return saved
+        return saved if self._sigma_versions == _versions(rhos) else _without_sigma(saved)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``; a sigma in it belongs to the posterior
@@ -694,11 +689,7 @@ class Adam(torch.optim.Adam):
         saved = super().state_dict()
         if self._tree is not None and self._sigma_versions == self._rho_versions():
             return saved
-        saved["state"] = {
-            index: {k: v for k, v in state.items() if k != "sigma"}
-            for index, state in saved["state"].items()
-        }
-        return saved
+        return _without_sigma(saved)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``; a sigma in it belongs to the posterior
@@ -1207,6 +1198,16 @@ def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:
         for name, value in drawn.items()
         if name in posterior and isinstance(posterior[name], GAUSSIAN_FAMILIES)
     }
+
+
+def _without_sigma(saved: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer ``state_dict`` without the kept sigmas of the sampled routes (they belong
+    to ``rho`` as a step left it, and ``rho`` has changed since)."""
+    saved["state"] = {
+        index: {k: v for k, v in state.items() if k != "sigma"}
+        for index, state in saved["state"].items()
+    }
+    return saved
 
 
 def _versions(tensors: list[Tensor]) -> list[int]:

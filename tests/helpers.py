@@ -59,6 +59,37 @@ def assert_restart_is_bit_identical(post, make_optimizer, run, steps: int) -> No
         assert torch.equal(post[name].rho, again[name].rho)
 
 
+def assert_threads_train_as_alone(net, start, train, seeds=(0, 100)) -> None:
+    """``train(post, seed, out)`` on copies of ``start``, one after the other and then in two
+    threads at once, must leave the same posteriors bit for bit, and ``net`` with its own
+    weights: a tbfunc block that does not hold the module, or scratch shared between two
+    posteriors on it, lets one thread's draw land in the other's forward."""
+    import threading
+
+    def twin(post):
+        return {n: type(v)(v.mu.clone(), v.rho.clone()) for n, v in post.items()}
+
+    own = {n: p.detach().clone() for n, p in net.named_parameters()}
+    alone: list = []
+    for seed in seeds:
+        train(twin(start), seed, alone)
+    together: list = [[] for _ in seeds]
+    workers = [
+        threading.Thread(target=train, args=(twin(start), seed, together[i]))
+        for i, seed in enumerate(seeds)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for expected, (got,) in zip(alone, together, strict=True):
+        for name in expected:
+            assert torch.equal(expected[name].mu, got[name].mu)
+            assert torch.equal(expected[name].rho, got[name].rho)
+    for name, weight in net.named_parameters():
+        assert torch.equal(weight, own[name]), name
+
+
 def torchbayesian_twin(module: nn.Module, posterior: dict, prior: tuple | None = None):
     """torchbayesian 0.2.1's BayesianModule over a copy of ``module``, with our mu and rho."""
     import copy

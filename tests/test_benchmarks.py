@@ -281,7 +281,7 @@ def test_the_sampled_bbb_rows_run_their_routes(monkeypatch):
     model, x, y = workloads.instantiate(workloads.WORKLOADS["W1"], torch.device("cpu"), batch=8)
     training_bench.sampled_step(model, x, y, 3)()
     assert [count for _, count in blocks] == [3, 3, 3] and blocks[0][0] is not model
-    training_bench.adam_sampled_step(model, x, y)()
+    training_bench.sampled_step(model, x, y, 1, one_pass=True)()
     assert len(steps) == 1 and steps[0] is not model
 
 

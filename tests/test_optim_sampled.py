@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tbfunc as tb
-from helpers import assert_restart_is_bit_identical, data, mlp, seeded
+from helpers import (
+    assert_restart_is_bit_identical,
+    assert_threads_train_as_alone,
+    data,
+    mlp,
+    seeded,
+)
 from tbfunc import _native
 
 NUM_DATA = 40
@@ -501,10 +507,7 @@ def test_two_threads_training_on_one_module_each_see_only_their_own_draw(route):
     # catches: a block that does not hold the module (one thread's draw or restore landing in
     # another's forward), and per-module scratch (the draw, its noise, the rho gradients)
     # shared between two posteriors trained on one module
-    import threading
-
     net, x, y = _setup()
-    start = _post(net)
 
     def train(post, seed, out):
         opt = tb.optim.Adam(post, **ADAM)
@@ -520,22 +523,4 @@ def test_two_threads_training_on_one_module_each_see_only_their_own_draw(route):
             opt.step()
         out.append(post)
 
-    alone: list = []
-    for seed in (0, 100):
-        train(_twin(start), seed, alone)
-    together: list = [[], []]
-    workers = [
-        threading.Thread(target=train, args=(_twin(start), seed, together[i]))
-        for i, seed in enumerate((0, 100))
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    for expected, (got,) in zip(alone, together, strict=True):
-        for name in expected:
-            assert torch.equal(expected[name].mu, got[name].mu)
-            assert torch.equal(expected[name].rho, got[name].rho)
-    own = dict(_setup()[0].named_parameters())
-    for name, weight in net.named_parameters():
-        assert torch.equal(weight, own[name]), name
+    assert_threads_train_as_alone(net, _post(net), train)

@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import tbfunc as tb
-from helpers import assert_restart_is_bit_identical, data, mlp, seeded
+from helpers import (
+    assert_restart_is_bit_identical,
+    assert_threads_train_as_alone,
+    data,
+    mlp,
+    seeded,
+)
 from tbfunc import _native
 
 OPTIONS = {"lr": 0.1, "num_data": 100, "beta2": 0.5, "hess_init": 0.3}
@@ -264,10 +270,7 @@ def test_bad_input_is_refused_with_the_argument_named():
 def test_two_threads_training_on_one_module_each_see_only_their_own_draw():
     # catches: a block that does not hold the module, so that one thread's draw (or its
     # restore) lands in the middle of another thread's forward and backward
-    import threading
-
     net, x, y = _setup()
-    start = tb.from_module(net, sigma=0.05)
 
     def train(post, seed, out):
         opt = tb.optim.VON(post, **OPTIONS)
@@ -278,25 +281,7 @@ def test_two_threads_training_on_one_module_each_see_only_their_own_draw():
             opt.zero_grad()
         out.append(post)
 
-    alone: list = []
-    for seed in (0, 100):
-        train(_twin(start), seed, alone)
-    together: list = [[], []]
-    workers = [
-        threading.Thread(target=train, args=(_twin(start), seed, together[i]))
-        for i, seed in enumerate((0, 100))
-    ]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    for expected, (got,) in zip(alone, together, strict=True):
-        for name in expected:
-            assert torch.equal(expected[name].mu, got[name].mu)
-            assert torch.equal(expected[name].rho, got[name].rho)
-    own = dict(_setup()[0].named_parameters())
-    for name, weight in net.named_parameters():
-        assert torch.equal(weight, own[name]), name
+    assert_threads_train_as_alone(net, tb.from_module(net, sigma=0.05), train)
 
 
 def test_after_a_step_the_draw_takes_the_steps_sigma_until_rho_is_written():
