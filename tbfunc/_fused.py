@@ -377,6 +377,27 @@ def _over_threads(function: Any, dtype: torch.dtype, numels: list[int], *args: A
     _parallel.split(total, run, team=None if twin is None else team)
 
 
+def _over_threads_flagged(function: Any, dtype: torch.dtype, numels: list[int], *args: Any) -> bool:
+    """``_over_threads`` for a kernel that also flags a non-finite result (an ``int64`` out
+    after ``begin, end``, set to 1 if so): whether every part's results were finite."""
+    kind, table, total = _kind(dtype), _table(numels), sum(numels)
+    twin: Any = getattr(_library(), function.__name__ + "_parts", None)
+    flags: list[int] = []
+
+    def run(begin: int, end: int) -> None:
+        out = (ctypes.c_int64 * 1)(0)
+        function(kind, len(numels), table, *args, begin, end, out)
+        flags.append(out[0])
+
+    def team(parts: int) -> None:
+        out = (ctypes.c_int64 * parts)()
+        twin(kind, len(numels), table, *args, total, parts, out)
+        flags.extend(out)
+
+    _parallel.split(total, run, team=None if twin is None else team)
+    return not any(flags)
+
+
 def _library() -> Any:
     library = _native.kernel()
     assert library is not None  # callers checked eager()
@@ -495,20 +516,20 @@ def bbb_adam_step(
     beta2: float,
     eps: float,
     weight_decay: float,
-) -> None:
+) -> bool:
     """Bayes-by-Backprop's gradient and Adam over every ``mu`` and ``rho``, in place, in one
     pass (``tb.optim.Adam.sampled``'s step). ``tensors``: ``(mus, rhos, the draw's weight
     gradients, its eps, its sigma)``, the sigma overwritten with ``softplus`` of the new
     ``rho``; ``moments``: Adam's ``(exp_avg, exp_avg_sq)`` of the mus, then of the rhos; each
     node's step count ``steps[i]`` (already incremented, the same for its ``mu`` and ``rho``).
-    Every tensor contiguous."""
+    Every tensor contiguous. Returns whether every new ``mu`` and ``rho`` is finite."""
     mus, rhos, _, _, sigmas = tensors
     tables = [_addresses(t) for t in (*tensors, *moments)]
     node_table = _bias_corrections(steps, lr, beta1, beta2)
     hyper = (ctypes.c_double * 6)(kl_scale, 1 - beta1, beta2, 1 - beta2, eps, weight_decay)
     numels = [m.numel() for m in mus]
     library = _library()
-    _over_threads(
+    finite = _over_threads_flagged(
         library.tb_bbb_adam,
         mus[0].dtype,
         numels,
@@ -518,6 +539,7 @@ def bbb_adam_step(
         hyper,
     )
     _written(mus, rhos, sigmas, *moments)
+    return finite
 
 
 def serves_bbb_adam() -> bool:
@@ -544,12 +566,13 @@ def von_step(
     num_data: int,
     clip: float | None,
     sigmas: list[Tensor] | None = None,
-) -> None:
+) -> bool:
     """``tbfunc.optim``'s VON update of every node in place, in one pass: ``tensors`` is
     ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw. With
     ``sigmas`` (``VON.sampled``'s route) it is ``(mus, rhos, mu grads, the draw's eps)``,
     ``sigmas`` the draw's sigma, overwritten with the new one. Every tensor (``centres`` too)
-    must be contiguous: the kernel reads their addresses."""
+    must be contiguous: the kernel reads their addresses. Returns whether every new ``mu``
+    and ``rho`` is finite."""
     mus, rhos, grad_mus, grad_rhos = tensors
     tables = [_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs)]
     centre_table = None if centres is None else _addresses(centres)
@@ -567,8 +590,9 @@ def von_step(
     numels = [m.numel() for m in mus]
     library = _library()
     extra = (centre_table, sigma_table, delta_table, hyper)
-    _over_threads(library.tb_von, mus[0].dtype, numels, *tables, *extra)
+    finite = _over_threads_flagged(library.tb_von, mus[0].dtype, numels, *tables, *extra)
     _written(mus, rhos, gbars, hs, sigmas or [])
+    return finite
 
 
 def _written(*groups: list[Tensor]) -> None:

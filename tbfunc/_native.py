@@ -147,14 +147,14 @@ def _load(path: Path) -> ctypes.CDLL | None:
         *(_I32, _I64, _P, ctypes.c_double, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I64, _I64)
     ]
     library.tb_adam.argtypes = [_I32, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _I64]
-    library.tb_von.argtypes = [_I32, _I64, *([_P] * 11), _I64, _I64]
+    library.tb_von.argtypes = [_I32, _I64, *([_P] * 11), _I64, _I64, _P]
     for name in ("tb_draw_grad", "tb_kl", "tb_kl_grad", "tb_adam", "tb_von"):
         getattr(library, name).restype = None
     if hasattr(library, "tb_finite"):  # optional: benchmarks.kernel_ab loads older builds
         library.tb_finite.argtypes = [_I64, _P, _P, _P, _I64, _I64, _P]
         library.tb_finite.restype = None
     if hasattr(library, "tb_bbb_adam"):  # optional, as tb_finite
-        library.tb_bbb_adam.argtypes = [_I32, _I64, *([_P] * 16), _I64, _I64]
+        library.tb_bbb_adam.argtypes = [_I32, _I64, *([_P] * 16), _I64, _I64, _P]
         library.tb_bbb_adam.restype = None
     if all(hasattr(library, name) for name in (*_PART_SYMBOLS, "tb_openmp")):
         _set_part_signatures(library)

@@ -25,6 +25,7 @@ __all__ = [
     "check_tree",
     "hash32",
     "posterior_nodes",
+    "remember_finite",
     "sample_many",
     "sample_with_kl",
     "tracked",
@@ -175,7 +176,7 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
     values = [value for _, _, value in fields]
     if _fused.all_finite(values):  # one C pass; None where it does not serve
         for value in values:
-            _remember_finite(value)
+            remember_finite(value)
         return
     sums: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():
@@ -184,7 +185,7 @@ def check_finite(leaves: list[Any], names: list[str], nodes: list[int]) -> None:
             sums.setdefault(value.device, []).append(value.sum(dtype=wide))
         if all(bool(torch.isfinite(torch.stack(group)).all()) for group in sums.values()):
             for _, _, value in fields:
-                _remember_finite(value)
+                remember_finite(value)
             return
         for name, field, value in fields:
             bad = ~torch.isfinite(value)
@@ -310,7 +311,9 @@ def node_hashes(names: list[str]) -> list[int]:
     return hashes
 
 
-def _remember_finite(tensor: Tensor) -> None:
+def remember_finite(tensor: Tensor) -> None:
+    """Record ``tensor`` as finite at its current version, so that ``check_finite`` does not
+    read it again until it changes: for a kernel that has just written it and checked it."""
     if tensor.is_inference():  # inference tensors keep no version counter
         return
     key = id(tensor)

@@ -404,7 +404,11 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
             mu[k] = mu[k] - lr * d;                                                            \
             buffer[i] = (T)1 / SQRT(precision * n); /* the new sigma */                        \
         }                                                                                      \
-        for (int64_t i = 0; i < count; i++) rho[lo + i] = INVERSE(buffer[i]);                  \
+        for (int64_t i = 0; i < count; i++) {                                                  \
+            rho[lo + i] = INVERSE(buffer[i]);                                                  \
+            /* x - x is 0 for a finite x and NaN for inf or NaN */                             \
+            bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);    \
+        }                                                                                      \
         if (NOISE)                                                                             \
             for (int64_t i = 0; i < count; i++) sig[lo + i] = buffer[i];                       \
     }
@@ -412,12 +416,13 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
 /* a loop per route (rho's gradient, or the noise with sig) and centre or none, so that each
  * vectorises; no clip: clip = inf */
 #define VON(T, SOFTPLUS_GATE, INVERSE, SQRT)                                                   \
-    static void von_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,                  \
+    static int von_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,                  \
                         const T *restrict gm, const T *restrict gr, T *restrict gbar,          \
                         T *restrict h, const T *restrict centre, T *restrict sig, T delta,     \
                         const double *hyper) {                                                 \
         T w1 = (T)hyper[0], w2 = (T)hyper[1], correction = (T)hyper[2];                        \
         T bc1 = (T)hyper[3], lr = (T)hyper[4], n = (T)hyper[5], clip = (T)hyper[6];            \
+        int bad = 0;                                                                           \
         if (!sig && centre)                                                                    \
             VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], 0)                    \
         else if (!sig)                                                                         \
@@ -426,27 +431,32 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
             VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k] - centre[k], 1)                    \
         else                                                                                   \
             VON_LOOP(T, SOFTPLUS_GATE, INVERSE, SQRT, mu[k], 1)                                \
+        return bad;                                                                            \
     }
 
 VON(float, softplus_gate32, inverse_softplus32, __builtin_sqrtf)
 VON(double, softplus_gate64, inverse_softplus64, sqrt)
 
 /* sigmas: NULL, or VON.sampled's route: grad_rhos holds the draw's eps and sigmas[l] its sigma
- * (read, then overwritten with the new sigma) */
+ * (read, then overwritten with the new sigma). out[0] = 1 if a new mu or rho in [begin, end)
+ * is not finite, else left as it is (as tb_finite). */
 void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, table grad_mus,
             table grad_rhos, table gbars, table hs, table centres, table sigmas,
-            const double *deltas, const double *hyper, int64_t begin, int64_t end) {
+            const double *deltas, const double *hyper, int64_t begin, int64_t end,
+            int64_t *out) {
     FOR_NODES(nodes, numels, begin, end, {
+        int bad;
         if (dtype == 0)
-            von_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grad_mus[l],
+            bad = von_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grad_mus[l],
                       (const float *)grad_rhos[l], (float *)gbars[l], (float *)hs[l],
                       centres ? (const float *)centres[l] : 0,
                       sigmas ? (float *)sigmas[l] : 0, (float)deltas[l], hyper);
         else
-            von_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grad_mus[l],
+            bad = von_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grad_mus[l],
                        (const double *)grad_rhos[l], (double *)gbars[l], (double *)hs[l],
                        centres ? (const double *)centres[l] : 0,
                        sigmas ? (double *)sigmas[l] : 0, deltas[l], hyper);
+        if (bad) out[0] = 1;
     });
 }
 
@@ -495,17 +505,20 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
         for (int64_t i = 0; i < count; i++) {                                                 \
             T unused;                                                                         \
             sigma[lo + i] = SOFTPLUS_GATE(rho[lo + i], &unused);                              \
+            /* x - x is 0 for a finite x and NaN for inf or NaN */                            \
+            bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);   \
         }                                                                                     \
     }
 
 #define BBB_ADAM(T, SIGMOID, SOFTPLUS_GATE, SQRT)                                              \
-    static void bbb_adam_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,            \
+    static int bbb_adam_##T(int64_t a, int64_t b, T *restrict mu, T *restrict rho,            \
                              const T *restrict g, const T *restrict e, T *restrict sigma,      \
                              T *restrict m_mu, T *restrict v_mu, T *restrict m_rho,            \
                              T *restrict v_rho, const T *pm, T pm_value, const T *ps,          \
                              T ps_value, T step_size, T bc2_sqrt, const double *hyper) {       \
         T c = (T)hyper[0], w1 = (T)hyper[1], beta2 = (T)hyper[2], w2 = (T)hyper[3];           \
         T eps = (T)hyper[4], decay = (T)hyper[5];                                             \
+        int bad = 0;                                                                          \
         if (pm && ps)                                                                         \
             BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm[k], ps[k])                      \
         else if (pm)                                                                          \
@@ -514,34 +527,39 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
             BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm_value, ps[k])                   \
         else                                                                                  \
             BBB_ADAM_LOOP(T, SIGMOID, SOFTPLUS_GATE, SQRT, pm_value, ps_value)                \
+        return bad;                                                                           \
     }
 
 BBB_ADAM(float, sigmoid32, softplus_gate32, __builtin_sqrtf)
 BBB_ADAM(double, sigmoid64, softplus_gate64, sqrt)
 
 /* per_node: (step_size, bc2_sqrt) per node; hyper: c (the KL's scale), 1 - beta1, beta2,
- * 1 - beta2, eps, weight_decay. Priors per node as tb_draw_grad takes them. */
+ * 1 - beta2, eps, weight_decay. Priors per node as tb_draw_grad takes them. out[0] = 1 if a
+ * new mu or rho in [begin, end) is not finite, else left as it is (as tb_finite): the caller
+ * then knows the posterior's finiteness without another pass. */
 void tb_bbb_adam(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, table grads,
                  table eps, table sigmas, table m_mus, table v_mus, table m_rhos, table v_rhos,
                  table prior_mus, const double *prior_mu_values, table prior_sigmas,
                  const double *prior_sigma_values, const double *per_node, const double *hyper,
-                 int64_t begin, int64_t end) {
+                 int64_t begin, int64_t end, int64_t *out) {
     FOR_NODES(nodes, numels, begin, end, {
         double step_size = per_node[2 * l], bc2_sqrt = per_node[2 * l + 1];
+        int bad;
         if (dtype == 0)
-            bbb_adam_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grads[l],
+            bad = bbb_adam_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grads[l],
                            (const float *)eps[l], (float *)sigmas[l], (float *)m_mus[l],
                            (float *)v_mus[l], (float *)m_rhos[l], (float *)v_rhos[l],
                            (const float *)prior_mus[l], (float)prior_mu_values[l],
                            (const float *)prior_sigmas[l], (float)prior_sigma_values[l],
                            (float)step_size, (float)bc2_sqrt, hyper);
         else
-            bbb_adam_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grads[l],
+            bad = bbb_adam_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grads[l],
                             (const double *)eps[l], (double *)sigmas[l], (double *)m_mus[l],
                             (double *)v_mus[l], (double *)m_rhos[l], (double *)v_rhos[l],
                             (const double *)prior_mus[l], prior_mu_values[l],
                             (const double *)prior_sigmas[l], prior_sigma_values[l], step_size,
                             bc2_sqrt, hyper);
+        if (bad) out[0] = 1;
     });
 }
 
@@ -619,10 +637,10 @@ void tb_adam_parts(int32_t dtype, int64_t nodes, table numels, table params, tab
 void tb_von_parts(int32_t dtype, int64_t nodes, table numels, table mus, table rhos,
                   table grad_mus, table grad_rhos, table gbars, table hs, table centres,
                   table sigmas, const double *deltas, const double *hyper, int64_t total,
-                  int64_t parts) {
+                  int64_t parts, int64_t *out) {
     OVER_PARTS(total, parts,
                tb_von(dtype, nodes, numels, mus, rhos, grad_mus, grad_rhos, gbars, hs, centres,
-                      sigmas, deltas, hyper, begin, end));
+                      sigmas, deltas, hyper, begin, end, out + part));
 }
 
 void tb_bbb_adam_parts(int32_t dtype, int64_t nodes, table numels, table mus, table rhos,
@@ -630,11 +648,11 @@ void tb_bbb_adam_parts(int32_t dtype, int64_t nodes, table numels, table mus, ta
                        table m_rhos, table v_rhos, table prior_mus, const double *prior_mu_values,
                        table prior_sigmas, const double *prior_sigma_values,
                        const double *per_node, const double *hyper, int64_t total,
-                       int64_t parts) {
+                       int64_t parts, int64_t *out) {
     OVER_PARTS(total, parts,
                tb_bbb_adam(dtype, nodes, numels, mus, rhos, grads, eps, sigmas, m_mus, v_mus,
                            m_rhos, v_rhos, prior_mus, prior_mu_values, prior_sigmas,
-                           prior_sigma_values, per_node, hyper, begin, end));
+                           prior_sigma_values, per_node, hyper, begin, end, out + part));
 }
 
 void tb_finite_parts(int64_t nodes, table kinds, table numels, table values, int64_t total,

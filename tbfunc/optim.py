@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from tbfunc import _fused, _sampled
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._concurrency import exclusive
-from tbfunc._sampling import canonical, node_hashes, sample_many
+from tbfunc._sampling import canonical, node_hashes, remember_finite, sample_many
 from tbfunc._softplus import softplus
 from tbfunc.kl import closed_form_kl, has_closed_form, kernel_priors, kl_from_draws
 from tbfunc.objective import parameters
@@ -480,7 +480,7 @@ class VON(torch.optim.Optimizer):
         if any(isinstance(d, Tensor) and d.numel() != 1 for d in precisions):
             return False
         step = int(states[0]["step"])
-        _fused.von_step(
+        finite = _fused.von_step(
             (mus, rhos, grads[: len(mus)], grads[len(mus) :]),  # type: ignore[arg-type]
             gbars,
             hs,
@@ -494,6 +494,8 @@ class VON(torch.optim.Optimizer):
             clip=config.clip,
             sigmas=sigmas,
         )
+        if finite:  # the kernel read every new value: no pass before the next draw
+            _remember_finite(mus, rhos)
         return True
 
 
@@ -854,7 +856,7 @@ class Adam(torch.optim.Adam):
         for p in (*mus, *rhos):
             self.state[p]["step"] += 1
         beta1, beta2 = group["betas"]
-        _fused.bbb_adam_step(
+        finite = _fused.bbb_adam_step(
             (mus, rhos, pending.grads, self._work.noise, sigmas),
             (moments[0], moments[1], moments[2], moments[3]),
             pending.terms,
@@ -866,6 +868,8 @@ class Adam(torch.optim.Adam):
             eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]),
         )
+        if finite:  # the kernel read every new value: no pass before the next draw
+            _remember_finite(mus, rhos)
         for rho, sigma in zip(rhos, sigmas, strict=True):  # the new sigma, kept for the draw
             self.state[rho]["sigma"] = sigma
         self._sigma_versions = _versions(rhos)
@@ -1198,6 +1202,12 @@ def _noise_of(posterior: dict[str, Any], key: Tensor) -> dict[str, Tensor]:
         for name, value in drawn.items()
         if name in posterior and isinstance(posterior[name], GAUSSIAN_FAMILIES)
     }
+
+
+def _remember_finite(*groups: list[Tensor]) -> None:
+    for group in groups:
+        for tensor in group:
+            remember_finite(tensor)
 
 
 def _without_sigma(saved: dict[str, Any]) -> dict[str, Any]:

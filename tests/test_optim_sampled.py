@@ -524,3 +524,45 @@ def test_two_threads_training_on_one_module_each_see_only_their_own_draw(route):
         out.append(post)
 
     assert_threads_train_as_alone(net, _post(net), train)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "VON"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_step_that_leaves_a_non_finite_value_is_caught_at_the_next_draw(
+    optimizer, threads, monkeypatch
+):
+    """The update kernels check what they write, so that a clean step needs no finiteness
+    pass before the next draw; a NaN in the last part of the last node must still be
+    refused there (a flag ignored, or one part's flag lost, would let the NaN draw on)."""
+    from tbfunc import _fused, _parallel
+
+    if _native.kernel() is None:
+        pytest.skip("tbfunc's C kernels are not built here")
+    monkeypatch.setattr(_parallel, "PARALLEL_MIN_NUMEL", 16)  # several parts even here
+    net, x, y = _setup()
+    post = _post(net)
+    if optimizer == "Adam":
+        opt = tb.optim.Adam(post, **ADAM)
+        enter = lambda key: opt.sampled(net, key, num_data=NUM_DATA)  # noqa: E731
+    else:
+        opt = tb.optim.VON(post, lr=0.1, num_data=NUM_DATA)
+        enter = lambda key: opt.sampled(net, key)  # noqa: E731
+    passes = []
+    real = _fused.all_finite
+    monkeypatch.setattr(_fused, "all_finite", lambda t: passes.append(len(t)) or real(t))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step, poison in enumerate((False, False, True)):
+            opt.zero_grad()
+            with enter(tb.random.key(step)):
+                F.cross_entropy(net(x), y).backward()
+                if poison:
+                    net[2].bias.grad[-1] = float("nan")
+            opt.step()
+        assert len(passes) == 1  # the first draw's check only: the clean steps needed none
+        refused = r"posterior\['2.bias'\]\.(mu|rho) must be finite"
+        with pytest.raises(ValueError, match=refused), enter(tb.random.key(9)):
+            pass
+    finally:
+        torch.set_num_threads(before)

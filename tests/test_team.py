@@ -9,6 +9,8 @@ made as documented: the team where it can be shared, the pool only where it cann
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,7 +71,8 @@ def test_openmp_zero_switches_the_team_off(monkeypatch):
 
 def _every_kernel():
     """A draw with its KL (tb_fill, tb_kl), its backward (tb_draw_grad), a fused Adam step
-    (tb_adam), a VON step (tb_von) and the finiteness pass after it (tb_finite)."""
+    (tb_adam), a VON step (tb_von), the finiteness pass of a new posterior (tb_finite) and an
+    Adam.sampled step (tb_bbb_adam)."""
     with torch.random.fork_rng():  # the suite guards the global generator
         torch.manual_seed(0)
         net = mlp((30, 40, 5))
@@ -85,6 +88,12 @@ def _every_kernel():
     F.cross_entropy(out, y).backward()
     von.step()
     tb.sample(von_post, tb.random.key(2))
+    bbb_post = tb.from_module(net, rho=-3.0)
+    bbb = tb.optim.Adam(bbb_post, lr=1e-3)
+    frozen = copy.deepcopy(net).requires_grad_(False)
+    with bbb.sampled(frozen, tb.random.key(3), num_data=80):
+        F.cross_entropy(frozen(x), y).backward()
+    bbb.step()
 
 
 @pytest.mark.parametrize("route", ["team", "pool"])
@@ -124,8 +133,10 @@ class _Recording:
         function = getattr(self._library, name)
         if not name.endswith("_parts"):
             return function
-        # (total, parts) sit last, or before the per-part results of tb_kl and tb_finite
-        at = -2 if name in ("tb_kl_parts", "tb_finite_parts") else -1
+        # (total, parts) sit last, or before the per-part results (tb_kl's partial sums, the
+        # finiteness flags of tb_finite and of the two update kernels)
+        flagged = ("tb_kl_parts", "tb_finite_parts", "tb_von_parts", "tb_bbb_adam_parts")
+        at = -2 if name in flagged else -1
 
         def call(*args):
             self.calls.append((name, int(args[at])))
@@ -153,7 +164,7 @@ def test_every_kernel_reaches_the_team_with_one_part_per_thread(monkeypatch):
     names = {name for name, _ in recording.calls}
     assert names == {
         "tb_fill_parts", "tb_kl_parts", "tb_draw_grad_parts", "tb_adam_parts", "tb_von_parts",
-        "tb_finite_parts",
+        "tb_finite_parts", "tb_bbb_adam_parts",
     }  # fmt: skip
     assert {parts for _, parts in recording.calls} == {3}
 
