@@ -404,11 +404,11 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
             mu[k] = mu[k] - lr * d;                                                            \
             buffer[i] = (T)1 / SQRT(precision * n); /* the new sigma */                        \
         }                                                                                      \
-        for (int64_t i = 0; i < count; i++) {                                                  \
-            rho[lo + i] = INVERSE(buffer[i]);                                                  \
-            /* x - x is 0 for a finite x and NaN for inf or NaN */                             \
+        for (int64_t i = 0; i < count; i++) rho[lo + i] = INVERSE(buffer[i]);                  \
+        /* apart: in the inverse's loop this kept it from vectorising (5x slower). x - x is 0  \
+         * for a finite x and NaN for inf or NaN */                                            \
+        for (int64_t i = 0; i < count; i++)                                                    \
             bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);    \
-        }                                                                                      \
         if (NOISE)                                                                             \
             for (int64_t i = 0; i < count; i++) sig[lo + i] = buffer[i];                       \
     }
@@ -505,9 +505,10 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
         for (int64_t i = 0; i < count; i++) {                                                 \
             T unused;                                                                         \
             sigma[lo + i] = SOFTPLUS_GATE(rho[lo + i], &unused);                              \
-            /* x - x is 0 for a finite x and NaN for inf or NaN */                            \
-            bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);   \
         }                                                                                     \
+        /* apart, as in VON_LOOP; x - x is 0 for a finite x and NaN for inf or NaN */         \
+        for (int64_t i = 0; i < count; i++)                                                   \
+            bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);   \
     }
 
 #define BBB_ADAM(T, SIGMOID, SOFTPLUS_GATE, SQRT)                                              \
