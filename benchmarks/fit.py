@@ -14,6 +14,8 @@ weights. The contenders:
 - tb.optim.VON, sampled: the same steps with the draw written into the module itself
   (``with opt.sampled(net, key)``), the module's own forward and backward;
 - tb.nelbo + tb.optim.Adam: Bayes-by-Backprop with one draw, the fused route;
+- tb.optim.Adam.sampled: the same Bayes-by-Backprop steps with the draw in the module itself
+  (``with opt.sampled(net, key, num_data=N)``) and one pass per step;
 - IVON (ivon-opt), where installed: its documented loop with the VON row's settings.
 
 The rounds interleave the contenders (each fit once a round); the table gives medians and each
@@ -138,6 +140,19 @@ def bbb_fit(x: Tensor, y: Tensor, steps: int) -> None:
         opt.step()
 
 
+def bbb_sampled_fit(x: Tensor, y: Tensor, steps: int) -> None:
+    net = model().requires_grad_(False)
+    posterior = tb.from_module(net, sigma=1e-3)
+    opt = tb.optim.Adam(posterior, lr=1e-3)
+    for step in range(steps):
+        rows = batch_rows(step, len(x))
+        opt.zero_grad()
+        with opt.sampled(net, tb.random.fold_in(KEY, step), num_data=len(x)):
+            loss = F.cross_entropy(net(x[rows]), y[rows])
+            loss.backward()
+        opt.step()
+
+
 def ivon_fit(x: Tensor, y: Tensor, steps: int) -> None:
     import ivon  # GPL-3.0: a peer only, never a dependency
 
@@ -170,6 +185,7 @@ def contenders() -> dict[str, Callable[[Tensor, Tensor, int], None]]:
         "tb.optim.VON": von_fit,
         "tb.optim.VON, sampled": von_sampled_fit,
         "tb.nelbo + tb.optim.Adam": bbb_fit,
+        "tb.optim.Adam.sampled": bbb_sampled_fit,
     }
     try:
         import ivon  # noqa: F401

@@ -186,7 +186,7 @@ def test_fit_benchmark_times_every_fit_against_the_adam_fit(monkeypatch):
     as free), the ratios are to the Adam fit of the same rounds, and the threads come back."""
     from benchmarks import fit
 
-    counted = {"Adam": 0, "VON": 0}
+    counted = {"Adam": 0, "VON": 0, "Adam.sampled": 0}
 
     class CountingAdam(torch.optim.Adam):
         def step(self, closure=None):
@@ -198,16 +198,24 @@ def test_fit_benchmark_times_every_fit_against_the_adam_fit(monkeypatch):
             counted["VON"] += 1
             return super().step(closure)
 
+    real_sampled = tb.optim.Adam.sampled
+
+    def counting_sampled(self, module, key, **kwargs):
+        counted["Adam.sampled"] += 1
+        return real_sampled(self, module, key, **kwargs)
+
     monkeypatch.setattr(fit.torch.optim, "Adam", CountingAdam)
     monkeypatch.setattr(fit.tb.optim, "VON", CountingVON)
+    monkeypatch.setattr(tb.optim.Adam, "sampled", counting_sampled)
     before = torch.get_num_threads()
     with torch.random.fork_rng():  # ivon-opt draws from the global RNG (it forks too)
         table = fit.compare(steps=3, rounds=2, threads=1)
     assert torch.get_num_threads() == before
     # a warm-up fit of min(steps, 20) and two timed fits: 3 fits of 3 steps each (VON: both
-    # routes)
-    assert counted == {"Adam": 9, "VON": 18}
+    # routes), and Adam.sampled's block entered once a step
+    assert counted == {"Adam": 9, "VON": 18, "Adam.sampled": 9}
     names = {"Adam (MAP)", "tb.optim.VON", "tb.optim.VON, sampled", "tb.nelbo + tb.optim.Adam"}
+    names |= {"tb.optim.Adam.sampled"}
     assert names <= set(table)
     assert table["Adam (MAP)"][1] == 1.0
     assert all(seconds > 0 and ratio > 0 for seconds, ratio in table.values())
