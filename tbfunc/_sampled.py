@@ -28,9 +28,10 @@ from tbfunc import _noise
 from tbfunc._boundary import check_matches
 from tbfunc._forward import padding_row
 from tbfunc._sampling import check_finite
+from tbfunc._softplus import softplus
 from tbfunc._structure import GENERATION
 
-__all__ = ["Scratch", "bind", "drawn", "free", "scratch", "scratch_for"]
+__all__ = ["Scratch", "bind", "drawn", "free", "scratch", "scratch_for", "sigmas_of"]
 
 # per module: check_matches' answer, the structure generation and node order it was bound for,
 # and the module's parameter per node in that order
@@ -44,12 +45,14 @@ class Scratch:
     (``rho_grads``, reused only while nothing else holds them). Fresh memory of this size
     costs a page fault per 4 KiB on every first write: as much as a pass over it."""
 
-    __slots__ = ("draws", "noise", "rho_grads", "sigma")
+    __slots__ = ("draws", "noise", "rho_grads", "sigma", "sigma_of")
 
     def __init__(self) -> None:
         self.draws: list[Tensor] = []
         self.noise: list[Tensor] = []
         self.sigma: list[Tensor] = []
+        # the rhos (weakly) and their versions that ``sigma`` is softplus of
+        self.sigma_of: list[tuple[weakref.ref, int]] = []
         self.rho_grads: list[Tensor] = []
 
 
@@ -63,6 +66,24 @@ def scratch_for(module: nn.Module) -> Scratch:
     if found is None:
         found = _SCRATCH[module] = Scratch()
     return found
+
+
+def sigmas_of(work: Scratch, rhos: list[Tensor]) -> list[Tensor]:
+    """``softplus(rho)`` per node in ``work.sigma``, computed again only when a ``rho`` has
+    changed (another tensor, or its version counter moved) since the last block: the blocks of
+    one step (several samples, micro-batches) share one pass. A write through ``rho.data`` is
+    not seen, as everywhere autograd's version counter is read."""
+    if len(work.sigma_of) == len(rhos) and all(
+        ref() is rho and version == rho._version
+        for (ref, version), rho in zip(work.sigma_of, rhos, strict=True)
+    ):
+        return work.sigma
+    work.sigma = scratch(work.sigma, rhos)
+    with torch.no_grad():
+        for rho, out in zip(rhos, work.sigma, strict=True):
+            softplus(rho, out=out)
+    work.sigma_of = [(weakref.ref(rho), rho._version) for rho in rhos]
+    return work.sigma
 
 
 def scratch(kept: list[Tensor], like: list[Tensor]) -> list[Tensor]:

@@ -986,9 +986,7 @@ def sampled(
     kl_scale = float(kl_weight) / (data_size * blocks)
     with exclusive(module):
         work = _sampled.scratch_for(module)
-        work.sigma = _sampled.scratch(work.sigma, mus)
-        with torch.no_grad():
-            sigmas = [softplus(rho, out=out) for rho, out in zip(rhos, work.sigma, strict=True)]
+        sigmas = _sampled.sigmas_of(work, rhos)
         hashes = _hashes_of(tuple(order))
         with _sampled.drawn(module, nodes, order, key, hashes, sigmas, work) as found:
             yield module
