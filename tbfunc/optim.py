@@ -648,11 +648,16 @@ class Adam(torch.optim.Adam):
     def _sampled_nodes(self) -> dict[str, Any]:
         tree = self._tree
         if tree is None or len(self.param_groups) != 1:
+            found = (
+                "one built from tensors"
+                if tree is None
+                else f"{len(self.param_groups)} parameter groups"
+            )
             raise TypeError(
                 "Adam.sampled needs the optimizer built from the posterior tree, "
-                "tb.optim.Adam(posterior, ...), with its one parameter group; got one built "
-                f"from tensors or with {len(self.param_groups)} groups. Build it from the tree, "
-                "or use tb.optim.sampled(module, posterior, key, ...) with any optimizer."
+                "tb.optim.Adam(posterior, ...), with its one parameter group; got "
+                f"{found}. Build it from the tree (another optimizer for other tensors), or "
+                "use tb.optim.sampled(module, posterior, key, ...) with any optimizer."
             )
         nodes = _gaussian_nodes(tree)
         if len(nodes) != len(tree):

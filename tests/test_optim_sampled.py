@@ -479,8 +479,15 @@ def test_adam_sampled_refusals_name_the_fix():
     assert all(torch.equal(a, b) for a, b in zip(before, tb.parameters(post), strict=True))
     plain = tb.optim.Adam(tb.parameters(post), **ADAM)
     with (
-        pytest.raises(TypeError, match=r"built from the posterior tree.*tb.optim.sampled"),
+        pytest.raises(TypeError, match=r"tree.*got one built from tensors.*tb.optim.sampled"),
         plain.sampled(net, tb.random.key(0), num_data=NUM_DATA),
+    ):
+        pass
+    grouped = tb.optim.Adam(_post(net), **ADAM)
+    grouped.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    with (
+        pytest.raises(TypeError, match="one parameter group; got 2 parameter groups"),
+        grouped.sampled(net, tb.random.key(0), num_data=NUM_DATA),
     ):
         pass
     with (
