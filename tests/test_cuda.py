@@ -123,3 +123,36 @@ def test_fused_kernel_and_autograd_paths_agree():
     recorded = tb.sample(tracked, KEY, num_samples=3)
     for name in post:
         torch.testing.assert_close(recorded[name].detach(), plain[name], rtol=0, atol=1e-6)
+
+
+def test_sampled_routes_on_cuda():
+    """tb.optim.sampled's gradient equals nelbo's on the GPU (the tensor-op route), and
+    Adam.sampled's steps equal tb.optim.sampled + step() there."""
+    net = mlp((5, 16, 3)).cuda().requires_grad_(False)
+    x, y = data(8, 5, seed=1).cuda(), (torch.arange(8) % 3).cuda()
+    post = tb.from_module(net, sigma=0.3)
+    params = tb.parameters(post)
+    key = tb.random.key(4)
+    loss = tb.nelbo(net, post, key, x, y, loss_fn=F.cross_entropy, num_data=40, num_samples=2)
+    want = torch.autograd.grad(loss, params)
+    for k in tb.random.split(key, 2):
+        with tb.optim.sampled(net, post, k, num_data=40, num_samples=2):
+            F.cross_entropy(net(x), y).backward()
+    for p, w in zip(params, want, strict=True):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-6)
+    a = {n: type(v)(v.mu.detach().clone(), v.rho.detach().clone()) for n, v in post.items()}
+    b = {n: type(v)(v.mu.detach().clone(), v.rho.detach().clone()) for n, v in post.items()}
+    opt_a, opt_b = tb.optim.Adam(a, lr=0.05), tb.optim.Adam(b, lr=0.05)
+    for step in range(3):
+        k = tb.random.key(step)
+        opt_a.zero_grad()
+        with tb.optim.sampled(net, a, k, num_data=40):
+            F.cross_entropy(net(x), y).backward()
+        opt_a.step()
+        opt_b.zero_grad()
+        with opt_b.sampled(net, k, num_data=40):
+            F.cross_entropy(net(x), y).backward()
+        opt_b.step()
+    for name in a:
+        torch.testing.assert_close(b[name].mu, a[name].mu, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b[name].rho, a[name].rho, rtol=1e-5, atol=1e-6)
