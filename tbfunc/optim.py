@@ -1010,11 +1010,12 @@ def sampled(
             grad_mus, grad_rhos = _posterior_grads_by_ops(
                 nodes, order, gs, work.noise, prior, kl_scale
             )
-    for tensor, grad in zip([*mus, *rhos], [*grad_mus, *grad_rhos], strict=True):
-        if tensor.grad is None:
-            tensor.grad = grad
-        else:
-            tensor.grad.add_(grad)
+        # under the lock: an added-in buffer is the module's scratch
+        for tensor, grad in zip([*mus, *rhos], [*grad_mus, *grad_rhos], strict=True):
+            if tensor.grad is None:
+                tensor.grad = grad
+            else:
+                tensor.grad.add_(grad)
 
 
 def _same(a: Any, b: Any) -> bool:
