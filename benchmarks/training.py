@@ -173,9 +173,10 @@ def von_breakdown(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 10
 ) -> dict[str, float]:
     """Where the VON step through ``VON.sampled`` spends its time, in ms per step (medians of
-    ``steps`` steps after two untimed ones): entering the block (the draw into the module, the
-    copy of its own values, the finiteness check), the module's forward and backward, leaving
-    the block (the values back, ``mu.grad``), and the update."""
+    ``steps`` steps after two untimed ones): entering the block (the draw, the parameters
+    pointed at it, a finiteness check where the last update did not make one), the module's
+    forward and backward, leaving the block (the parameters back, ``mu.grad``), and the
+    update."""
     import statistics
     import time
 

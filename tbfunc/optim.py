@@ -257,8 +257,8 @@ class VON(torch.optim.Optimizer):
         defaults = config._asdict()
         super().__init__(params, defaults)
         self._hashes = node_hashes([canonical(name) for name in self._names])
-        # sampled()'s scratch: the module's own values during a block, and the last draw's
-        # eps per node, which step() reads
+        # sampled()'s scratch: the draw the module points at during a block, and the last
+        # draw's eps per node, which step() reads
         self._work = _sampled.Scratch()
         self._view: list[Any] | None = None
         self._pending: Tensor | None = None  # that draw's key, until step() or zero_grad()
