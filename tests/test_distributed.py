@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import re
 import time
 
 import distributed_jobs
@@ -124,5 +125,12 @@ def test_the_readme_torchrun_example_runs(tmp_path):
         env=env,
         cwd=tmp_path,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "world size 2: test accuracy" in done.stdout
+    # torch 2.13's gloo sometimes aborts a rank in interpreter shutdown, after the job is done
+    # ("terminate called without an active exception"): a pure-torch DDP script with
+    # destroy_process_group() did so in 4 of 40 runs here. That abort, after the result line,
+    # is torch's, not the example's; any other failure fails the test.
+    shutdown_abort = "terminate called without an active exception" in done.stderr
+    assert done.returncode == 0 or shutdown_abort, done.stderr[-2000:]
+    found = re.search(r"world size 2: test accuracy (\d\.\d+) with 8 samples", done.stdout)
+    assert found is not None, (done.stdout, done.stderr[-2000:])
+    assert float(found.group(1)) > 0.8  # it trained
