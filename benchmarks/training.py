@@ -40,9 +40,8 @@ def contenders(
         POOL_FUSED: _on_pool(tbfunc_step(model, x, y, num_samples, tb.optim.Adam)),
         SAMPLED: sampled_step(model, x, y, num_samples),
     }
-    if num_samples == 1:  # Adam.sampled takes one draw per step
+    if num_samples == 1:  # Adam.sampled and natural-gradient VI draw one sample per step
         runs[ADAM_SAMPLED] = sampled_step(model, x, y, 1, one_pass=True)
-    if num_samples == 1:  # natural-gradient VI draws one sample per step
         runs["tbfunc VON step"] = von_step(model, x, y)
         runs["tbfunc VON step, sampled"] = von_step(model, x, y, sampled=True)
         runs[POOL_VON] = _on_pool(von_step(model, x, y))

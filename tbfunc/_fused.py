@@ -361,35 +361,30 @@ def _prior_tables(priors: list[PriorTerms] | None, count: int = 0) -> list[Any]:
     ]
 
 
-def _over_threads(function: Any, dtype: torch.dtype, numels: list[int], *args: Any) -> None:
+def _over_threads(
+    function: Any, dtype: torch.dtype, numels: list[int], *args: Any, flagged: bool = False
+) -> bool:
     """``function(kind, nodes, numels, *args, begin, end)``, the kernels' common signature, over
     the nodes' concatenated elements, one part per thread (on torch's OpenMP team by the
-    kernel's ``_parts`` twin where the library has one)."""
-    kind, table, total = _kind(dtype), _table(numels), sum(numels)
-    twin: Any = getattr(_library(), function.__name__ + "_parts", None)
-
-    def run(begin: int, end: int) -> None:
-        function(kind, len(numels), table, *args, begin, end)
-
-    def team(parts: int) -> None:
-        twin(kind, len(numels), table, *args, total, parts)
-
-    _parallel.split(total, run, team=None if twin is None else team)
-
-
-def _over_threads_flagged(function: Any, dtype: torch.dtype, numels: list[int], *args: Any) -> bool:
-    """``_over_threads`` for a kernel that also flags a non-finite result (an ``int64`` out
-    after ``begin, end``, set to 1 if so): whether every part's results were finite."""
+    kernel's ``_parts`` twin where the library has one). ``flagged``: the kernel also takes an
+    ``int64`` out after ``begin, end`` (its twin one per part, after ``total, parts``) and sets
+    it to 1 where a result is not finite; returns whether no part did (True without a flag)."""
     kind, table, total = _kind(dtype), _table(numels), sum(numels)
     twin: Any = getattr(_library(), function.__name__ + "_parts", None)
     flags: list[int] = []
 
     def run(begin: int, end: int) -> None:
+        if not flagged:
+            function(kind, len(numels), table, *args, begin, end)
+            return
         out = (ctypes.c_int64 * 1)(0)
         function(kind, len(numels), table, *args, begin, end, out)
         flags.append(out[0])
 
     def team(parts: int) -> None:
+        if not flagged:
+            twin(kind, len(numels), table, *args, total, parts)
+            return
         out = (ctypes.c_int64 * parts)()
         twin(kind, len(numels), table, *args, total, parts, out)
         flags.extend(out)
@@ -529,7 +524,7 @@ def bbb_adam_step(
     hyper = (ctypes.c_double * 6)(kl_scale, 1 - beta1, beta2, 1 - beta2, eps, weight_decay)
     numels = [m.numel() for m in mus]
     library = _library()
-    finite = _over_threads_flagged(
+    finite = _over_threads(
         library.tb_bbb_adam,
         mus[0].dtype,
         numels,
@@ -537,6 +532,7 @@ def bbb_adam_step(
         *_prior_tables(priors),
         node_table,
         hyper,
+        flagged=True,
     )
     _written(mus, rhos, sigmas, *moments)
     return finite
@@ -590,7 +586,7 @@ def von_step(
     numels = [m.numel() for m in mus]
     library = _library()
     extra = (centre_table, sigma_table, delta_table, hyper)
-    finite = _over_threads_flagged(library.tb_von, mus[0].dtype, numels, *tables, *extra)
+    finite = _over_threads(library.tb_von, mus[0].dtype, numels, *tables, *extra, flagged=True)
     _written(mus, rhos, gbars, hs, sigmas or [])
     return finite
 

@@ -373,6 +373,14 @@ static inline float inverse_softplus32(float s) {
 
 static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); }
 
+/* ORs into `bad` whether an element of the new mu or rho in [LO, LO + COUNT) is not finite
+ * (x - x is 0 for a finite x, NaN for inf or NaN): the update kernels' own check, so that a
+ * clean step needs no finiteness pass before the next draw. A loop of its own after the
+ * writes: inside VON's inverse-softplus loop it kept that loop from vectorising (5x slower). */
+#define FLAG_NONFINITE(T, LO, COUNT)                                                         \
+    for (int64_t i = 0; i < (COUNT); i++)                                                    \
+        bad |= (mu[(LO) + i] - mu[(LO) + i] != (T)0) | (rho[(LO) + i] - rho[(LO) + i] != (T)0);
+
 /* Three loops per block of CHUNK elements: softplus with sigmoid, the update, then the inverse
  * softplus. Each is a short chain of dependent operations, so the out-of-order core overlaps many
  * elements of it; one loop doing all three was bound by the chain's latency (14% slower, the
@@ -405,10 +413,7 @@ static inline double inverse_softplus64(double s) { return s + log(-expm1(-s)); 
             buffer[i] = (T)1 / SQRT(precision * n); /* the new sigma */                        \
         }                                                                                      \
         for (int64_t i = 0; i < count; i++) rho[lo + i] = INVERSE(buffer[i]);                  \
-        /* apart: in the inverse's loop this kept it from vectorising (5x slower). x - x is 0  \
-         * for a finite x and NaN for inf or NaN */                                            \
-        for (int64_t i = 0; i < count; i++)                                                    \
-            bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);    \
+        FLAG_NONFINITE(T, lo, count)                                                           \
         if (NOISE)                                                                             \
             for (int64_t i = 0; i < count; i++) sig[lo + i] = buffer[i];                       \
     }
@@ -447,15 +452,17 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
     FOR_NODES(nodes, numels, begin, end, {
         int bad;
         if (dtype == 0)
-            bad = von_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grad_mus[l],
-                      (const float *)grad_rhos[l], (float *)gbars[l], (float *)hs[l],
-                      centres ? (const float *)centres[l] : 0,
-                      sigmas ? (float *)sigmas[l] : 0, (float)deltas[l], hyper);
+            bad = von_float(a, b, (float *)mus[l], (float *)rhos[l],
+                            (const float *)grad_mus[l], (const float *)grad_rhos[l],
+                            (float *)gbars[l], (float *)hs[l],
+                            centres ? (const float *)centres[l] : 0,
+                            sigmas ? (float *)sigmas[l] : 0, (float)deltas[l], hyper);
         else
-            bad = von_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grad_mus[l],
-                       (const double *)grad_rhos[l], (double *)gbars[l], (double *)hs[l],
-                       centres ? (const double *)centres[l] : 0,
-                       sigmas ? (double *)sigmas[l] : 0, deltas[l], hyper);
+            bad = von_double(a, b, (double *)mus[l], (double *)rhos[l],
+                             (const double *)grad_mus[l], (const double *)grad_rhos[l],
+                             (double *)gbars[l], (double *)hs[l],
+                             centres ? (const double *)centres[l] : 0,
+                             sigmas ? (double *)sigmas[l] : 0, deltas[l], hyper);
         if (bad) out[0] = 1;
     });
 }
@@ -473,7 +480,8 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
 #define ADAM_AT(T, SQRT, P, G, M, V)                                                           \
     {                                                                                         \
         T grad_ = decay != (T)0 ? (G) + decay * (P)[k] : (G);                                 \
-        T m_ = w1 < (T)0.5 ? (M)[k] + w1 * (grad_ - (M)[k]) : grad_ - (grad_ - (M)[k]) * ((T)1 - w1); \
+        T m_ = w1 < (T)0.5 ? (M)[k] + w1 * (grad_ - (M)[k])                                  \
+                           : grad_ - (grad_ - (M)[k]) * ((T)1 - w1);                          \
         T v_ = (V)[k] * beta2 + (w2 * grad_) * grad_;                                         \
         T denom_ = SQRT(v_) / bc2_sqrt + eps;                                                 \
         (M)[k] = m_;                                                                          \
@@ -506,9 +514,7 @@ void tb_von(int32_t dtype, int64_t nodes, table numels, table mus, table rhos, t
             T unused;                                                                         \
             sigma[lo + i] = SOFTPLUS_GATE(rho[lo + i], &unused);                              \
         }                                                                                     \
-        /* apart, as in VON_LOOP; x - x is 0 for a finite x and NaN for inf or NaN */         \
-        for (int64_t i = 0; i < count; i++)                                                   \
-            bad |= (mu[lo + i] - mu[lo + i] != (T)0) | (rho[lo + i] - rho[lo + i] != (T)0);   \
+        FLAG_NONFINITE(T, lo, count)                                                          \
     }
 
 #define BBB_ADAM(T, SIGMOID, SOFTPLUS_GATE, SQRT)                                              \
@@ -547,19 +553,21 @@ void tb_bbb_adam(int32_t dtype, int64_t nodes, table numels, table mus, table rh
         double step_size = per_node[2 * l], bc2_sqrt = per_node[2 * l + 1];
         int bad;
         if (dtype == 0)
-            bad = bbb_adam_float(a, b, (float *)mus[l], (float *)rhos[l], (const float *)grads[l],
-                           (const float *)eps[l], (float *)sigmas[l], (float *)m_mus[l],
-                           (float *)v_mus[l], (float *)m_rhos[l], (float *)v_rhos[l],
-                           (const float *)prior_mus[l], (float)prior_mu_values[l],
-                           (const float *)prior_sigmas[l], (float)prior_sigma_values[l],
-                           (float)step_size, (float)bc2_sqrt, hyper);
+            bad = bbb_adam_float(a, b, (float *)mus[l], (float *)rhos[l],
+                                 (const float *)grads[l], (const float *)eps[l],
+                                 (float *)sigmas[l], (float *)m_mus[l], (float *)v_mus[l],
+                                 (float *)m_rhos[l], (float *)v_rhos[l],
+                                 (const float *)prior_mus[l], (float)prior_mu_values[l],
+                                 (const float *)prior_sigmas[l], (float)prior_sigma_values[l],
+                                 (float)step_size, (float)bc2_sqrt, hyper);
         else
-            bad = bbb_adam_double(a, b, (double *)mus[l], (double *)rhos[l], (const double *)grads[l],
-                            (const double *)eps[l], (double *)sigmas[l], (double *)m_mus[l],
-                            (double *)v_mus[l], (double *)m_rhos[l], (double *)v_rhos[l],
-                            (const double *)prior_mus[l], prior_mu_values[l],
-                            (const double *)prior_sigmas[l], prior_sigma_values[l], step_size,
-                            bc2_sqrt, hyper);
+            bad = bbb_adam_double(a, b, (double *)mus[l], (double *)rhos[l],
+                                  (const double *)grads[l], (const double *)eps[l],
+                                  (double *)sigmas[l], (double *)m_mus[l], (double *)v_mus[l],
+                                  (double *)m_rhos[l], (double *)v_rhos[l],
+                                  (const double *)prior_mus[l], prior_mu_values[l],
+                                  (const double *)prior_sigmas[l], prior_sigma_values[l],
+                                  step_size, bc2_sqrt, hyper);
         if (bad) out[0] = 1;
     });
 }

@@ -674,15 +674,12 @@ class Adam(torch.optim.Adam):
     def _draw_sigmas(self, rhos: list[Tensor]) -> list[Tensor]:
         """The draw's sigma per node: the one the last sampled step wrote to
         ``state[rho]["sigma"]`` while ``rho`` is as that step left it, else ``softplus(rho)``
-        (torch's, ``tb.sample``'s bits) in the block's scratch, which the step then keeps."""
+        (torch's, ``tb.sample``'s bits) in the block's scratch (``_sampled.sigmas_of``: once
+        for the blocks of a step), which the step then keeps."""
         states = [self.state[rho] for rho in rhos]
         if self._sigma_versions == _versions(rhos) and all("sigma" in st for st in states):
             return [st["sigma"] for st in states]
-        self._sigma_versions = None
-        work = self._work
-        work.sigma = _sampled.scratch(work.sigma, rhos)
-        with torch.no_grad():
-            return [softplus(rho, out=out) for rho, out in zip(rhos, work.sigma, strict=True)]
+        return _sampled.sigmas_of(self._work, rhos)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``torch.optim.Optimizer.zero_grad``; it also forgets a ``sampled`` draw not yet

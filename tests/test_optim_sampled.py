@@ -573,3 +573,25 @@ def test_a_step_that_leaves_a_non_finite_value_is_caught_at_the_next_draw(
             pass
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_step_that_leaves_only_rho_non_finite_is_caught_at_the_next_draw():
+    """Adam.sampled's pass flags rho as well as mu: a NaN in rho before the step leaves mu
+    finite (its gradient and update do not read rho) and the new rho NaN, which the next draw
+    must refuse."""
+    if _native.kernel() is None:
+        pytest.skip("tbfunc's C kernels are not built here")
+    net, x, y = _setup()
+    post = _post(net)
+    opt = tb.optim.Adam(post, **ADAM)
+    with opt.sampled(net, tb.random.key(0), num_data=NUM_DATA):
+        F.cross_entropy(net(x), y).backward()
+    with torch.no_grad():
+        post["2.bias"].rho[-1] = float("nan")
+    opt.step()
+    assert torch.isfinite(post["2.bias"].mu).all() and post["2.bias"].rho[-1].isnan()
+    with (
+        pytest.raises(ValueError, match=r"posterior\['2.bias'\]\.rho must be finite"),
+        opt.sampled(net, tb.random.key(1), num_data=NUM_DATA),
+    ):
+        pass
