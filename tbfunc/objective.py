@@ -85,6 +85,16 @@ def nelbo(
             (Roeder et al. 2017): lower-variance gradients near the optimum.
         dropout: train with Monte-Carlo dropout, masks keyed by each draw's key (as in
             ``predict``), so a model fine-tuned with dropout never reads the global RNG.
+
+    Example:
+        >>> import torch, torch.nn.functional as F, tbfunc as tb
+        >>> net = torch.nn.Linear(3, 2).requires_grad_(False)
+        >>> post = tb.from_module(net)
+        >>> opt = tb.optim.Adam(post, lr=1e-3)
+        >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        >>> loss = tb.nelbo(net, post, tb.random.key(0), x, y, loss_fn=F.cross_entropy,
+        ...                 num_data=100, num_samples=2)
+        >>> opt.zero_grad(); loss.backward(); opt.step()
     """
     key = check_key(key)
     count = check_positive_int(num_samples, "num_samples")
