@@ -258,12 +258,14 @@ def train_von(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, recipe.von_steps)
     for step in progress_range("VON", recipe.von_steps):
         rows = batch_rows(key, step, len(x), recipe.batch_size)
-        out = tb.functional_call(net, posterior, tb.random.fold_in(key, 10**6 + step), x[rows])
-        loss = -lik(out, y[rows]).mean()
         opt.zero_grad()
         if noise_opt is not None:
             noise_opt.zero_grad()
-        loss.backward()
+        # the draw written into the net itself (the README's recipe, the fast route): the
+        # loss is the data term of that draw, the prior enters as weight decay
+        with opt.sampled(net, tb.random.fold_in(key, 10**6 + step)):
+            loss = -lik(net(x[rows]), y[rows]).mean()
+            loss.backward()
         opt.step()
         schedule.step()
         if noise_opt is not None:
