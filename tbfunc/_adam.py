@@ -277,9 +277,7 @@ class Adam(torch.optim.Adam):
             for p in params:
                 state = self.state[p]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    _new_state(state, p)
                 state["step"] += 1
                 steps.append(float(state["step"]))
             beta1, beta2 = group["betas"]
@@ -367,18 +365,12 @@ class Adam(torch.optim.Adam):
         group = self.param_groups[0]
         if pending.terms is None or not _fused.serves_bbb_adam():
             return False
-        options = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
-        if any(group.get(option) for option in (*options, "decoupled_weight_decay")):
-            return False
-        hyper = [group["lr"], *group["betas"], group["eps"], group["weight_decay"]]
-        if any(isinstance(value, Tensor) for value in hyper):
+        if not _plain(group):
             return False
         for p in (*mus, *rhos):
             state = self.state[p]
-            if not state:  # as torch.optim.Adam makes it (these options: no amsgrad state)
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not state:
+                _new_state(state, p)
         moments = [
             [self.state[p][name] for p in ps]
             for ps in (mus, rhos)
@@ -427,11 +419,7 @@ class Adam(torch.optim.Adam):
 
     def _fused_group(self, group: dict[str, Any]) -> list[Tensor] | None:
         """The group's tensors with a gradient where the fused pass serves them, else None."""
-        options = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
-        if any(group.get(option) for option in (*options, "decoupled_weight_decay")):
-            return None
-        hyper = [group["lr"], *group["betas"], group["eps"], group["weight_decay"]]
-        if any(isinstance(value, Tensor) for value in hyper):
+        if not _plain(group):
             return None
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
@@ -459,3 +447,21 @@ def _same(a: Any, b: Any) -> bool:
         return bool(a == b)
     except RuntimeError:  # tensors inside: their truth value is ambiguous
         return False
+
+
+def _plain(group: dict[str, Any]) -> bool:
+    """Whether the fused passes serve the group's options: none of torch.optim.Adam's others
+    on, and Python numbers (not tensors) for its hyperparameters."""
+    options = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
+    if any(group.get(option) for option in (*options, "decoupled_weight_decay")):
+        return False
+    hyper = [group["lr"], *group["betas"], group["eps"], group["weight_decay"]]
+    return not any(isinstance(value, Tensor) for value in hyper)
+
+
+def _new_state(state: dict[str, Any], p: Tensor) -> None:
+    """A tensor's first state, as torch.optim.Adam makes it with those options (no amsgrad
+    state), so that its state_dict loads into torch's and back."""
+    state["step"] = torch.tensor(0.0)
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
