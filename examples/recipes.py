@@ -10,7 +10,8 @@ noise (``tb.GaussianLikelihood``), trained by Adam beside whatever trains the we
 - ``train_bbb``: Bayes-by-Backprop from the MAP weights, with ``tb.nelbo`` and the prior's
   scale re-fitted every step by ``tb.empirical_prior`` (centred on 0: the recommended recipe;
   centred on the MAP weights: the pretrained workflow).
-- ``train_von``: ``tb.optim.VON`` (natural-gradient mean-field VI) from a fresh network. The
+- ``train_von``: ``tb.optim.VON`` (natural-gradient mean-field VI) from a fresh network, each
+  step's draw written into the net by ``opt.sampled`` (the README recipe's route). The
   recommended recipe is this posterior as it is: validation splits chose no temperature
   (classification) and no noise refit (regression) after it, the same settings everywhere.
 - ``train_ivon``: the ``ivon-opt`` package (optional; a peer, never a dependency).
