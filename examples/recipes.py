@@ -12,8 +12,9 @@ noise (``tb.GaussianLikelihood``), trained by Adam beside whatever trains the we
   centred on the MAP weights: the pretrained workflow).
 - ``train_von``: ``tb.optim.VON`` (natural-gradient mean-field VI) from a fresh network, each
   step's draw written into the net by ``opt.sampled`` (the README recipe's route). The
-  recommended recipe is this posterior as it is: validation splits chose no temperature
-  (classification) and no noise refit (regression) after it, the same settings everywhere.
+  recommended recipe is this posterior, calibrated as validation splits chose: no temperature
+  for classification, and the observation noise refitted on the validation slice for
+  regression (``uci_eval.UCI``).
 - ``train_ivon``: the ``ivon-opt`` package (optional; a peer, never a dependency).
 - ``train_laplace``: laplace-torch's last-layer Laplace around the MAP (optional, likewise).
 """
