@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from tbfunc import _fused, _sampled
+from tbfunc import _fused, _fused_updates, _sampled
 from tbfunc._checks import check_key, check_positive_int, fail
 from tbfunc._concurrency import exclusive
 from tbfunc._optimizers import (
@@ -281,7 +281,7 @@ class Adam(torch.optim.Adam):
                 state["step"] += 1
                 steps.append(float(state["step"]))
             beta1, beta2 = group["betas"]
-            _fused.adam_step(
+            _fused_updates.adam_step(
                 params,
                 [p.grad.contiguous() for p in params],  # type: ignore[union-attr]
                 [self.state[p]["exp_avg"] for p in params],
@@ -359,11 +359,11 @@ class Adam(torch.optim.Adam):
     def _one_pass(
         self, pending: _PendingDraw, mus: list[Tensor], rhos: list[Tensor], sigmas: list[Tensor]
     ) -> bool:
-        """The fused pass (``_fused.bbb_adam_step``) where it serves: this group's options as
-        the Adam pass takes them, a Gaussian prior the kernels take, contiguous CPU
+        """The fused pass (``_fused_updates.bbb_adam_step``) where it serves: this group's
+        options as the Adam pass takes them, a Gaussian prior the kernels take, contiguous CPU
         float32/float64 tensors of one dtype, and each node's ``mu`` and ``rho`` at one step."""
         group = self.param_groups[0]
-        if pending.terms is None or not _fused.serves_bbb_adam():
+        if pending.terms is None or not _fused_updates.serves_bbb_adam():
             return False
         if not _plain(group):
             return False
@@ -394,7 +394,7 @@ class Adam(torch.optim.Adam):
         for p in (*mus, *rhos):
             self.state[p]["step"] += 1
         beta1, beta2 = group["betas"]
-        finite = _fused.bbb_adam_step(
+        finite = _fused_updates.bbb_adam_step(
             (mus, rhos, pending.grads, self._work.noise, sigmas),
             (moments[0], moments[1], moments[2], moments[3]),
             pending.terms,

@@ -1,5 +1,8 @@
 """The fused training route on the CPU: the draw and the closed-form KL as autograd functions
-whose backward is one C pass each (``_train.c``), and Adam in one pass.
+whose backward is one C pass each (``_train.c``), the gradient of a draw taken through the module
+itself (``posterior_grads``), and the checks that say where the route serves. The optimizers'
+passes (Adam in one pass, ...) are ``_fused_updates``'; the plumbing of a kernel call is
+``_kernel_calls``'.
 
 Unfused, a Bayes-by-Backprop step makes a dozen memory-bound passes over the posterior besides
 the model's own forward and backward: ``softplus``, the affine map, the KL's terms and the
@@ -7,7 +10,7 @@ backward of each, then Adam over twice the tensors. Here the draw writes ``mu + 
 and keeps ``eps`` (the noise kernel, one pass); its backward turns the weight gradient ``g``
 into ``d/d mu = sum_s g_s`` (``g`` itself for one draw: no pass) and
 ``d/d rho = sum_s g_s eps_s sigmoid(rho)`` (one pass); the KL's value and gradient are one
-pass each; Adam is one pass.
+pass each; Adam is one pass (``_fused_updates``).
 
 The route serves plain eager autograd on CPU float32/float64 tensors with the kernels built
 (``TBFUNC_FUSED=0`` switches it off).
@@ -20,10 +23,9 @@ formulas in tensor ops, so double backward still works.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +33,18 @@ from torch import Tensor, nn
 
 from tbfunc import _native, _noise, _parallel
 from tbfunc._checks import traced
+from tbfunc._kernel_calls import (
+    PriorTerms,
+    addresses,
+    dtype_code,
+    int64_table,
+    loaded,
+    over_threads,
+    prior_tables,
+    written,
+)
 
-__all__ = [
-    "PriorTerms",
-    "adam_step",
-    "all_finite",
-    "bbb_adam_step",
-    "draw",
-    "eager",
-    "gaussian_kl",
-    "posterior_grads",
-    "prior_terms",
-    "serves_bbb_adam",
-    "trainable",
-    "von_step",
-]
+__all__ = ["all_finite", "draw", "eager", "gaussian_kl", "posterior_grads", "trainable"]
 
 _TYPES = (torch.float32, torch.float64)
 _SMALL_RHO = -20.0  # as in kl.py and _train.c: below it log(softplus(rho)) is rho
@@ -89,9 +88,9 @@ def all_finite(tensors: Sequence[Tensor]) -> bool | None:
             return None
         if t.dtype not in _TYPES:
             return None
-        kinds.append(_kind(t.dtype))
+        kinds.append(dtype_code(t.dtype))
     numels = [t.numel() for t in tensors]
-    tables = [_table(kinds), _table(numels), _addresses(tensors)]
+    tables = [int64_table(kinds), int64_table(numels), addresses(tensors)]
     flags: list[Any] = []
 
     def run(begin: int, end: int) -> None:
@@ -106,49 +105,6 @@ def all_finite(tensors: Sequence[Tensor]) -> bool | None:
 
     _parallel.split(sum(numels), run, team=team)
     return not any(flags)
-
-
-def _table(values: Sequence[int]) -> Any:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _addresses(tensors: Sequence[Tensor | None]) -> Any:
-    return _table([0 if t is None else t.data_ptr() for t in tensors])
-
-
-def _kind(dtype: torch.dtype) -> int:
-    return 0 if dtype == torch.float32 else 1
-
-
-class PriorTerms(NamedTuple):
-    """A Gaussian prior's centre and scale for one node, as the kernels take them: a tensor
-    shaped like ``mu`` (contiguous, its dtype) or None with the scalar in ``*_value``."""
-
-    mean: Tensor | None
-    mean_value: float
-    scale: Tensor | None
-    scale_value: float
-
-
-def prior_terms(mu: Tensor, mean: Any, scale: Any) -> PriorTerms | None:
-    """The kernels' form of ``N(mean, scale^2)`` for ``mu``, or None where they do not serve
-    (a broadcast shape, another dtype or device, a prior that is itself trained)."""
-    parts: list[Any] = []
-    for value in (mean, scale):
-        if isinstance(value, bool):
-            return None
-        if isinstance(value, int | float):
-            parts += [None, float(value)]
-        elif isinstance(value, Tensor) and not value.requires_grad and type(value) is Tensor:
-            if value.numel() == 1 and value.dim() <= mu.dim() and value.device == mu.device:
-                parts += [None, float(value)]
-            elif value.shape == mu.shape and value.dtype == mu.dtype and value.device == mu.device:
-                parts += [value.contiguous(), 0.0]
-            else:
-                return None
-        else:
-            return None
-    return PriorTerms(*parts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +212,7 @@ def posterior_grads(
         (kl_scale, mus, sigmas, priors),
         outs,
     )
-    _written(*outs)
+    written(*outs)
 
 
 def _draw_grad_ops(
@@ -297,15 +253,15 @@ def _draw_grad(
             g.view(r.shape) if alone else torch.empty_like(r)
             for g, r in zip(grads, rhos, strict=True)
         ]
-    tables = [_addresses(t) for t in (grads, noise, rhos)]
-    outs = [_addresses([None] * len(rhos) if alone else grad_mus), _addresses(grad_rhos)]
+    tables = [addresses(t) for t in (grads, noise, rhos)]
+    outs = [addresses([None] * len(rhos) if alone else grad_mus), addresses(grad_rhos)]
     if kl is None:
-        c, extra = 0.0, [None, None, *_prior_tables(None, len(rhos))]
+        c, extra = 0.0, [None, None, *prior_tables(None, len(rhos))]
     else:
         grad_kl, mus, sigmas, priors = kl
-        c, extra = float(grad_kl), [_addresses(mus), _addresses(sigmas), *_prior_tables(priors)]
-    library = _library()
-    _over_threads(library.tb_draw_grad, rhos[0].dtype, numels, samples, *tables, *outs, c, *extra)
+        c, extra = float(grad_kl), [addresses(mus), addresses(sigmas), *prior_tables(priors)]
+    library = loaded()
+    over_threads(library.tb_draw_grad, rhos[0].dtype, numels, samples, *tables, *outs, c, *extra)
     return grad_mus, grad_rhos
 
 
@@ -348,65 +304,14 @@ class _KL(torch.autograd.Function):
         return (None, None, None, *grad_mus, *grad_rhos)
 
 
-def _prior_tables(priors: list[PriorTerms] | None, count: int = 0) -> list[Any]:
-    """The kernels' four prior tables (none: null tables for ``count`` nodes)."""
-    if priors is None:
-        return [None, None, None, None]
-    doubles = ctypes.c_double * len(priors)
-    return [
-        _addresses([p.mean for p in priors]),
-        doubles(*[p.mean_value for p in priors]),
-        _addresses([p.scale for p in priors]),
-        doubles(*[p.scale_value for p in priors]),
-    ]
-
-
-def _over_threads(
-    function: Any, dtype: torch.dtype, numels: list[int], *args: Any, flagged: bool = False
-) -> bool:
-    """``function(kind, nodes, numels, *args, begin, end)``, the kernels' common signature, over
-    the nodes' concatenated elements, one part per thread (on torch's OpenMP team by the
-    kernel's ``_parts`` twin where the library has one). ``flagged``: the kernel also takes an
-    ``int64`` out after ``begin, end`` (its twin one per part, after ``total, parts``) and sets
-    it to 1 where a result is not finite; returns whether no part did (True without a flag)."""
-    kind, table, total = _kind(dtype), _table(numels), sum(numels)
-    twin: Any = getattr(_library(), function.__name__ + "_parts", None)
-    flags: list[int] = []
-
-    def run(begin: int, end: int) -> None:
-        if not flagged:
-            function(kind, len(numels), table, *args, begin, end)
-            return
-        out = (ctypes.c_int64 * 1)(0)
-        function(kind, len(numels), table, *args, begin, end, out)
-        flags.append(out[0])
-
-    def team(parts: int) -> None:
-        if not flagged:
-            twin(kind, len(numels), table, *args, total, parts)
-            return
-        out = (ctypes.c_int64 * parts)()
-        twin(kind, len(numels), table, *args, total, parts, out)
-        flags.extend(out)
-
-    _parallel.split(total, run, team=None if twin is None else team)
-    return not any(flags)
-
-
-def _library() -> Any:
-    library = _native.kernel()
-    assert library is not None  # callers checked eager()
-    return library
-
-
 def _kl_sum(
     mus: list[Tensor], rhos: list[Tensor], sigmas: list[Tensor], priors: list[PriorTerms]
 ) -> float:
-    library = _library()
+    library = loaded()
     numels = [m.numel() for m in mus]
-    tables = [_table(numels), *(_addresses(t) for t in (mus, rhos, sigmas))]
-    prior = _prior_tables(priors)
-    kind = _kind(mus[0].dtype)
+    tables = [int64_table(numels), *(addresses(t) for t in (mus, rhos, sigmas))]
+    prior = prior_tables(priors)
+    kind = dtype_code(mus[0].dtype)
     partials: list[Any] = []
 
     def run(begin: int, end: int) -> None:
@@ -432,13 +337,11 @@ def _kl_grad(
     grad_mus: list[Tensor],
     grad_rhos: list[Tensor],
 ) -> None:
-    tables = [_addresses(t) for t in (mus, rhos, sigmas)]
-    outs = [_addresses(grad_mus), _addresses(grad_rhos)]
+    tables = [addresses(t) for t in (mus, rhos, sigmas)]
+    outs = [addresses(grad_mus), addresses(grad_rhos)]
     numels = [m.numel() for m in mus]
-    library = _library()
-    _over_threads(
-        library.tb_kl_grad, mus[0].dtype, numels, c, *tables, *_prior_tables(priors), *outs
-    )
+    library = loaded()
+    over_threads(library.tb_kl_grad, mus[0].dtype, numels, c, *tables, *prior_tables(priors), *outs)
 
 
 def _kl_grad_ops(
@@ -467,134 +370,5 @@ def _kl_grad_ops(
 # Adam
 
 
-def adam_step(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[float],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """torch.optim.Adam's update (amsgrad off) of every tensor in place, in one pass; each
-    tensor's own step count ``steps[i]`` (already incremented) sets its bias corrections."""
-    tables = [_addresses(t) for t in (params, grads, exp_avgs, exp_avg_sqs)]
-    node_table = _bias_corrections(steps, lr, beta1, beta2)
-    hyper = (ctypes.c_double * 5)(1 - beta1, beta2, 1 - beta2, eps, weight_decay)
-    numels = [p.numel() for p in params]
-    library = _library()
-    _over_threads(library.tb_adam, params[0].dtype, numels, *tables, node_table, hyper)
-    _written(params, exp_avgs, exp_avg_sqs)
-
-
-def _bias_corrections(steps: list[float], lr: float, beta1: float, beta2: float) -> Any:
-    """Adam's per-tensor ``(lr / (1 - beta1^t), sqrt(1 - beta2^t))``, as the kernels take them."""
-    per_node = []
-    for step in steps:
-        per_node += [lr / (1 - beta1**step), (1 - beta2**step) ** 0.5]
-    return (ctypes.c_double * len(per_node))(*per_node)
-
-
-def bbb_adam_step(
-    tensors: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
-    moments: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
-    priors: list[PriorTerms],
-    steps: list[float],
-    *,
-    kl_scale: float,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> bool:
-    """Bayes-by-Backprop's gradient and Adam over every ``mu`` and ``rho``, in place, in one
-    pass (``tb.optim.Adam.sampled``'s step). ``tensors``: ``(mus, rhos, the draw's weight
-    gradients, its eps, its sigma)``, the sigma overwritten with ``softplus`` of the new
-    ``rho``; ``moments``: Adam's ``(exp_avg, exp_avg_sq)`` of the mus, then of the rhos; each
-    node's step count ``steps[i]`` (already incremented, the same for its ``mu`` and ``rho``).
-    Every tensor contiguous. Returns whether every new ``mu`` and ``rho`` is finite."""
-    mus, rhos, _, _, sigmas = tensors
-    tables = [_addresses(t) for t in (*tensors, *moments)]
-    node_table = _bias_corrections(steps, lr, beta1, beta2)
-    hyper = (ctypes.c_double * 6)(kl_scale, 1 - beta1, beta2, 1 - beta2, eps, weight_decay)
-    numels = [m.numel() for m in mus]
-    library = _library()
-    finite = _over_threads(
-        library.tb_bbb_adam,
-        mus[0].dtype,
-        numels,
-        *tables,
-        *_prior_tables(priors),
-        node_table,
-        hyper,
-        flagged=True,
-    )
-    _written(mus, rhos, sigmas, *moments)
-    return finite
-
-
-def serves_bbb_adam() -> bool:
-    """Whether the built kernels have ``bbb_adam_step``'s pass."""
-    library = _native.kernel()
-    return library is not None and hasattr(library, "tb_bbb_adam")
-
-
 # ----------------------------------------------------------------------------------------------
 # Variational online Newton
-
-
-def von_step(
-    tensors: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]],
-    gbars: list[Tensor],
-    hs: list[Tensor],
-    centres: list[Tensor] | None,
-    deltas: list[float],
-    *,
-    step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    num_data: int,
-    clip: float | None,
-    sigmas: list[Tensor] | None = None,
-) -> bool:
-    """``tbfunc.optim``'s VON update of every node in place, in one pass: ``tensors`` is
-    ``(mus, rhos, mu grads, rho grads)``, the gradients of the data term through one draw. With
-    ``sigmas`` (``VON.sampled``'s route) it is ``(mus, rhos, mu grads, the draw's eps)``,
-    ``sigmas`` the draw's sigma, overwritten with the new one. Every tensor (``centres`` too)
-    must be contiguous: the kernel reads their addresses. Returns whether every new ``mu``
-    and ``rho`` is finite."""
-    mus, rhos, grad_mus, grad_rhos = tensors
-    tables = [_addresses(t) for t in (mus, rhos, grad_mus, grad_rhos, gbars, hs)]
-    centre_table = None if centres is None else _addresses(centres)
-    sigma_table = None if sigmas is None else _addresses(sigmas)
-    delta_table = (ctypes.c_double * len(deltas))(*deltas)
-    hyper = (ctypes.c_double * 7)(
-        1 - beta1,
-        1 - beta2,
-        (1 - beta2) ** 2 / 2,
-        1 / (1 - beta1**step),
-        lr,
-        float(num_data),
-        math.inf if clip is None else clip,
-    )
-    numels = [m.numel() for m in mus]
-    library = _library()
-    extra = (centre_table, sigma_table, delta_table, hyper)
-    finite = _over_threads(library.tb_von, mus[0].dtype, numels, *tables, *extra, flagged=True)
-    _written(mus, rhos, gbars, hs, sigmas or [])
-    return finite
-
-
-def _written(*groups: list[Tensor]) -> None:
-    """Bump the version counter of tensors a kernel wrote in place: writes through a data
-    pointer bypass it, and autograd's saved-tensor checks and tbfunc's finiteness cache
-    (``_sampling.check_finite``) read it to learn that a tensor changed."""
-    for group in groups:
-        for tensor in group:  # one at a time: the form every supported torch takes
-            torch.autograd.graph.increment_version(tensor)

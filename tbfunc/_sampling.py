@@ -228,11 +228,11 @@ def sample_with_kl(
     check: bool = True,
     validated: bool = False,
 ) -> tuple[Any, Tensor | None]:
-    """``sample_many``, and the closed-form KL of the tree against ``priors`` (flat leaf index
-    -> ``_fused.PriorTerms``, one per Gaussian node) computed by the same fused autograd node,
-    whose backward adds the KL's gradient in the draw's pass. The KL is None (compute it
-    apart) unless the whole tree takes the fused route together: one dtype, no custom
-    families, ``priors`` given and complete."""
+    """``sample_many``, and the closed-form KL of the tree against ``priors`` (flat leaf index ->
+    ``_kernel_calls.PriorTerms``, one per Gaussian node) computed by the same fused autograd node,
+    whose backward adds the KL's gradient in the draw's pass. The KL is None (compute it apart)
+    unless the whole tree takes the fused route together: one dtype, no custom families, ``priors``
+    given and complete."""
     return _sample(tree, keys, sigmas, priors, check, validated)
 
 

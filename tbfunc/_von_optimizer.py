@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tbfunc import _fused, _sampled
+from tbfunc import _fused, _fused_updates, _sampled
 from tbfunc._checks import check_key, fail
 from tbfunc._concurrency import exclusive
 from tbfunc._optimizers import gaussian_nodes, remember_all_finite, versions, without_sigma
@@ -294,10 +294,10 @@ class VON(torch.optim.Optimizer):
         noise: list[Tensor] | None,
         sigmas: list[Tensor] | None,
     ) -> bool:
-        """The update by one C pass (``_fused.von_step``), where it serves: CPU float32/float64
-        tensors of one dtype, contiguous, with a scalar prior precision per node. ``noise`` and
-        ``sigmas``: the pending ``sampled`` draw's eps and sigma, read in place of the rho
-        gradients and ``softplus(rho)``; the kernel writes the new sigma to ``sigmas``."""
+        """The update by one C pass (``_fused_updates.von_step``), where it serves: CPU
+        float32/float64 tensors of one dtype, contiguous, with a scalar prior precision per node.
+        ``noise`` and ``sigmas``: the pending ``sampled`` draw's eps and sigma, read in place of the
+        rho gradients and ``softplus(rho)``; the kernel writes the new sigma to ``sigmas``."""
         grads = [t.grad for t in mus] + ([t.grad for t in rhos] if noise is None else noise)
         gbars = [state["momentum"] for state in states]
         hs = [state["hessian"] for state in states]
@@ -309,7 +309,7 @@ class VON(torch.optim.Optimizer):
         if any(isinstance(d, Tensor) and d.numel() != 1 for d in precisions):
             return False
         step = int(states[0]["step"])
-        finite = _fused.von_step(
+        finite = _fused_updates.von_step(
             (mus, rhos, grads[: len(mus)], grads[len(mus) :]),  # type: ignore[arg-type]
             gbars,
             hs,

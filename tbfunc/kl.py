@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tbfunc import _fused, _threefry
+from tbfunc import _fused, _kernel_calls, _threefry
 from tbfunc._checks import check_key, check_optional_positive_int, check_positive, fail
 from tbfunc._sampling import check_finite, check_tree, posterior_nodes, sample_many
 from tbfunc.posterior import GAUSSIAN_FAMILIES, is_posterior
@@ -132,7 +132,7 @@ def closed_form_kl(posterior: Any, prior: Any, sigmas: list[Tensor] | None = Non
 
 
 def kernel_priors(posterior: Any, prior: Any) -> dict[int, Any] | None:
-    """Each Gaussian node's prior in the form the CPU kernels take (``_fused.PriorTerms``),
+    """Each Gaussian node's prior in the form the CPU kernels take (``_kernel_calls.PriorTerms``),
     keyed by the node's flat leaf index, where every node has a closed-form Gaussian KL they
     serve; else None. Internal (``nelbo`` hands it to ``sample_with_kl``)."""
     indices, nodes, priors = _pair_with_priors(posterior, prior)
@@ -146,7 +146,9 @@ def _kernel_terms(nodes: list[Any], priors: list[Any]) -> list[Any] | None:
         for n, p in zip(nodes, priors, strict=True)
     ):
         return None
-    terms = [_fused.prior_terms(n.mu, p.mu, p.sigma) for n, p in zip(nodes, priors, strict=True)]
+    terms = [
+        _kernel_calls.prior_terms(n.mu, p.mu, p.sigma) for n, p in zip(nodes, priors, strict=True)
+    ]
     if any(t is None for t in terms):
         return None
     for p in priors:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import tbfunc as tb
 from helpers import data, mlp
-from tbfunc import _fused, _native, _noise, _parallel
+from tbfunc import _fused, _fused_updates, _kernel_calls, _native, _noise, _parallel
 
 needs_kernel = pytest.mark.skipif(_native.kernel() is None, reason="needs a C compiler")
 pytestmark = needs_kernel
@@ -169,7 +169,7 @@ def test_one_thread_and_many_give_the_same_kernel_results(monkeypatch, route):
     sigmas = [F.softplus(r) for r in rhos]
     grads = [data(2, *s, seed=20 + i) for i, s in enumerate(shapes)]
     noise = [data(2, *s, seed=30 + i) for i, s in enumerate(shapes)]
-    priors = [_fused.prior_terms(m, 0.1, 0.5) for m in mus]
+    priors = [_kernel_calls.prior_terms(m, 0.1, 0.5) for m in mus]
     threads = torch.get_num_threads()
     results = []
     try:
@@ -179,13 +179,13 @@ def test_one_thread_and_many_give_the_same_kernel_results(monkeypatch, route):
             kl = (torch.tensor(0.7), mus, sigmas, priors)
             params = [m.clone() for m in mus]
             moments = [torch.zeros_like(m) + 0.01 for m in mus], [torch.ones_like(m) for m in mus]
-            _fused.adam_step(
+            _fused_updates.adam_step(
                 params, [g[0] for g in grads], *moments, [3.0] * 3,
                 lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01,
             )  # fmt: skip
             von = [m.clone() for m in mus], [r.clone() for r in rhos]
             von_state = [torch.zeros_like(m) for m in mus], [torch.ones_like(m) for m in mus]
-            _fused.von_step(
+            _fused_updates.von_step(
                 (*von, [g[0] for g in grads], [g[1] for g in grads]), *von_state, None,
                 [1e-3] * 3, step=2, lr=0.1, beta1=0.9, beta2=0.999, num_data=50, clip=None,
             )  # fmt: skip

@@ -367,11 +367,13 @@ def test_adam_sampled_steps_equal_the_gradient_route(dtype, prior_kind, fused, m
 def test_adam_sampled_takes_the_one_pass_where_it_serves(monkeypatch):
     if _native.kernel() is None:
         pytest.skip("tbfunc's C kernels are not built here")
-    from tbfunc import _fused
+    from tbfunc import _fused_updates
 
     calls = []
-    real = _fused.bbb_adam_step
-    monkeypatch.setattr(_fused, "bbb_adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _fused_updates.bbb_adam_step
+    monkeypatch.setattr(
+        _fused_updates, "bbb_adam_step", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     _adam_routes(torch.float32, tb.GaussianPrior(), steps=2)
     assert len(calls) == 2
     # amsgrad: not the pass's update, so the gradient route, with the same result
