@@ -474,3 +474,69 @@ def test_the_von_sigma_scale_reaches_both_evaluations_predictions(tmp_path, eval
         scores.append({row: results[data][row][metric] for row in results[data]})
     for row in ("natural gradient", "recommended"):
         assert scores[0][row] != scores[1][row], row
+
+
+def _glance_rows(readme: str, header: str) -> dict[str, list[str]]:
+    """The rows of the README's "At a glance" table that starts with ``header``."""
+    section = readme[readme.index("## At a glance") : readme.index("## Quickstart")]
+    table = section[section.index(header) :].split("\n\n")[0]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_the_readme_glance_tables_are_the_stored_results():
+    # the summary near the top repeats numbers from the benchmark's JSON and the training
+    # scoreboard; a rerun that updates those but not the summary (or a typo in it) fails here
+    readme = (ROOT / "README.md").read_text()
+    summarize = load("summarize")
+    folders = ["classification", "classification_von", "classification_laplace"]
+    stored = summarize.merged([str(ROOT / "examples/results/benchmark" / f) for f in folders])
+    names = {
+        "MAP": "MAP",
+        "MAP + temperature": "MAP + temperature",
+        "deep ensemble (5)": "deep ensemble",
+        "MC dropout": "MC dropout",
+        "IVON (ivon-opt, at tbfunc's settings)": "IVON",
+        "laplace-torch, last layer": "laplace last-layer",
+        "tbfunc, the recommended recipe": "recommended",
+    }
+    rows = _glance_rows(readme, "| method | digits NLL")
+    assert set(rows) == set(names)
+
+    def mean(values: list[float]) -> str:
+        return f"{sum(values) / len(values):.3f}".removeprefix("0")
+
+    for shown, row in names.items():
+        expected = [mean(stored[d][row]["nll"]) for d in ("digits", "breast_cancer", "wine")]
+        expected.append(mean(stored["digits"][row]["auroc_rotated"]))
+        assert rows[shown] == expected, (shown, rows[shown], expected)
+
+    scoreboard = (ROOT / "benchmarks/results/cpu-train-adam-sampled.md").read_text()
+    ratios = {}
+    for threads in (1, 2):
+        head = f"## W1 MLP 784-512-512-10, B=128, S=32, cpu: training step, 1 sample(s), {threads}"
+        table = scoreboard[scoreboard.index(head) :].split("\n\n")[1]
+        for line in table.splitlines()[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            ratios.setdefault(cells[0], []).append(cells[3])
+    contenders = {
+        "tbfunc, `tb.optim.VON` with `opt.sampled` (the recommended recipe)": (
+            "tbfunc VON step, sampled"
+        ),
+        "tbfunc, `tb.optim.Adam.sampled` (Bayes-by-Backprop)": (
+            "tbfunc tb.optim.Adam.sampled (one pass)"
+        ),
+        "tbfunc, `tb.nelbo` + `tb.optim.Adam` (Bayes-by-Backprop, through `torch.func`)": (
+            "tbfunc nelbo + tb.optim.Adam (fused)"
+        ),
+        "IVON (ivon-opt 0.1.3)": "IVON step (ivon-opt)",
+        "posteriors, `vi.diag`": "posteriors vi.diag update",
+        "torchbayesian": "torchbayesian fwd + KL + Adam",
+    }
+    rows = _glance_rows(readme, "| step | x deterministic")
+    assert set(rows) == set(contenders)
+    for shown, contender in contenders.items():
+        assert rows[shown] == [" / ".join(ratios[contender])], (shown, rows[shown])
