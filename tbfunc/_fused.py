@@ -1,8 +1,7 @@
 """The fused training route on the CPU: the draw and the closed-form KL as autograd functions
 whose backward is one C pass each (``_train.c``), the gradient of a draw taken through the module
 itself (``posterior_grads``), and the checks that say where the route serves. The optimizers'
-passes (Adam in one pass, ...) are ``_fused_updates``'; the plumbing of a kernel call is
-``_kernel_calls``'.
+one-pass updates live in ``_fused_updates``, the plumbing of a kernel call in ``_kernel_calls``.
 
 Unfused, a Bayes-by-Backprop step makes a dozen memory-bound passes over the posterior besides
 the model's own forward and backward: ``softplus``, the affine map, the KL's terms and the
