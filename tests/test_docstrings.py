@@ -31,7 +31,7 @@ def examples_of(name: str) -> list[doctest.DocTest]:
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
-    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner = doctest.DocTestRunner(verbose=False, optionflags=doctest.ELLIPSIS)
     with torch.random.fork_rng():  # the examples draw inputs from the global RNG
         torch.manual_seed(0)
         for test in examples_of(name):
